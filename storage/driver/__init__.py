@@ -1,0 +1,23 @@
+"""Storage drivers: bytes at paths (see ``base`` for the contract)."""
+
+from .base import (
+    DriverError,
+    FileInfo,
+    FileWriter,
+    InvalidOffset,
+    InvalidPath,
+    PathNotFound,
+    StorageDriver,
+)
+from .filesystem import FilesystemDriver
+
+__all__ = [
+    "DriverError",
+    "FileInfo",
+    "FileWriter",
+    "InvalidOffset",
+    "InvalidPath",
+    "PathNotFound",
+    "StorageDriver",
+    "FilesystemDriver",
+]

@@ -1,0 +1,102 @@
+"""The on-disk layout, documented once; every path the store touches is computed here.
+
+::
+
+    <root>/
+      blobs/<alg>/<first 2 hex>/<hex>                 immutable content (blobs and manifests), one
+                                                      copy for all repositories
+      repositories/<name>/                            <name> may be nested (a/b/c)
+        _layers/<alg>/<hex>                           the blob is linked into this repository
+        _manifests/revisions/<alg>/<hex>              the manifest is in this repository; the file
+                                                      holds {"mediaType": ...} as received
+        _manifests/tags/<tag>                         holds the digest the tag points at
+        _referrers/<alg>/<subject hex>/<alg>-<hex>    a descriptor (JSON) of a manifest whose
+                                                      subject is that digest
+      uploads/<uuid>/info                             {"repository": ..., "started": ...}
+      uploads/<uuid>/data                             bytes received so far
+
+Repository names are validated (``storage.digest.validate_name``) before they reach these
+functions: no component can start with ``_`` or be ``..``, so a name never collides with the
+metadata directories. Tags are validated likewise and never contain ``/``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .digest import Digest
+
+__all__ = [
+    "BLOBS",
+    "REPOSITORIES",
+    "UPLOADS",
+    "blob",
+    "repository",
+    "layer_link",
+    "layers_dir",
+    "manifest_revision",
+    "revisions_dir",
+    "tag",
+    "tags_dir",
+    "referrers_dir",
+    "referrer",
+    "upload_dir",
+    "upload_info",
+    "upload_data",
+]
+
+BLOBS: Final = "blobs"
+REPOSITORIES: Final = "repositories"
+UPLOADS: Final = "uploads"
+
+
+def blob(digest: Digest) -> str:
+    return f"{BLOBS}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def repository(name: str) -> str:
+    return f"{REPOSITORIES}/{name}"
+
+
+def layers_dir(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_layers"
+
+
+def layer_link(name: str, digest: Digest) -> str:
+    return f"{REPOSITORIES}/{name}/_layers/{digest.algorithm}/{digest.hex}"
+
+
+def revisions_dir(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/revisions"
+
+
+def manifest_revision(name: str, digest: Digest) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/revisions/{digest.algorithm}/{digest.hex}"
+
+
+def tags_dir(name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/tags"
+
+
+def tag(name: str, tag_name: str) -> str:
+    return f"{REPOSITORIES}/{name}/_manifests/tags/{tag_name}"
+
+
+def referrers_dir(name: str, subject: Digest) -> str:
+    return f"{REPOSITORIES}/{name}/_referrers/{subject.algorithm}/{subject.hex}"
+
+
+def referrer(name: str, subject: Digest, manifest: Digest) -> str:
+    return f"{referrers_dir(name, subject)}/{manifest.algorithm}-{manifest.hex}"
+
+
+def upload_dir(upload_id: str) -> str:
+    return f"{UPLOADS}/{upload_id}"
+
+
+def upload_info(upload_id: str) -> str:
+    return f"{UPLOADS}/{upload_id}/info"
+
+
+def upload_data(upload_id: str) -> str:
+    return f"{UPLOADS}/{upload_id}/data"
