@@ -161,6 +161,8 @@ def _load_storage(data: Any) -> StorageConfig:
         s3 = S3Config(**{k: v for k, v in s.items() if v is not None})
         if not s3.endpoint:
             raise ConfigError("storage.s3.endpoint is required when storage.s3 is set")
+    if s3 is not None:
+        raise ConfigError("storage.s3: S3 storage is not available in this version; use storage.root")
     return StorageConfig(
         root=str(_typed(d, "root", str, "storage", "./data")),
         s3=s3,
@@ -225,6 +227,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         cfg.mappings.append(Mapping(d["local"], [str(s) for s in d["sources"]]))
     a = _section(top.get("auth"), "auth", {"htpasswd", "anonymous_pull"})
     cfg.auth = AuthConfig(_typed(a, "htpasswd", str, "auth", None), _typed(a, "anonymous_pull", bool, "auth", True))
+    if cfg.auth.htpasswd:
+        raise ConfigError("auth.htpasswd: client authentication is not available in this version")
     t = _section(top.get("tls"), "tls", {"cert", "key"})
     cfg.tls = TLSConfig(_typed(t, "cert", str, "tls", None), _typed(t, "key", str, "tls", None))
     lim = _section(top.get("limits"), "limits", {"manifest_size"})

@@ -69,6 +69,18 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200, body=body, headers=_headers(info))
 
 
+async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refusing (413) as soon as it grows past ``limit``."""
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            raise ManifestTooLarge(f"manifest exceeds the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 async def put_manifest(request: web.Request) -> web.StreamResponse:
     name, reference = request.match_info["name"], request.match_info["reference"]
     store = store_of(request)
@@ -77,9 +89,7 @@ async def put_manifest(request: web.Request) -> web.StreamResponse:
         raise ManifestTooLarge(
             f"manifest of {request.content_length} bytes exceeds the limit of {limit} bytes"
         )
-    body = await request.content.read(limit + 1)
-    if len(body) > limit or not request.content.at_eof():
-        raise ManifestTooLarge(f"manifest exceeds the limit of {limit} bytes")
+    body = await _read_bounded(request, limit)
     extra_tags = tuple(request.query.getall("tag", []))
     digest, subject = await store.put_manifest(
         name, reference, body, media_type(request), extra_tags

@@ -20,6 +20,7 @@ from .errors import (
     BlobUnknown,
     DigestMismatch,
     InvalidDigest,
+    InvalidReference,
     ManifestBlobUnknown,
     ManifestTooLarge,
     ManifestUnknown,
@@ -120,7 +121,7 @@ class Store:
             validate_tag(reference)
             text = await self.driver.get_content(paths.tag(name, reference), _META_LIMIT)
             return Digest.parse(text.decode())
-        except (PathNotFound, ValueError, InvalidDigest):
+        except (PathNotFound, ValueError, InvalidDigest, InvalidReference):
             raise ManifestUnknown(f"manifest {reference!r} unknown to repository {name}") from None
 
     async def stat_manifest(self, name: str, reference: str) -> ManifestInfo:

@@ -23,7 +23,7 @@ _T = TypeVar("_T")
 
 #: Temporary files carry this prefix; nothing the store names starts with '.'.
 TMP_PREFIX: Final = ".tmp-"
-_SESSION_SUFFIX: Final = ".partial"
+_SESSION_PREFIX: Final = TMP_PREFIX + "session-"
 
 
 def _fsync_dir(path: str) -> None:
@@ -201,11 +201,13 @@ def _atomic_write(full: str, data: bytes) -> None:
 
 
 class _FileWriter:
-    """Writes to ``<path>.partial`` and renames it onto ``<path>`` at commit."""
+    """Writes to ``<dir>/.tmp-session-<name>`` (hidden from ``list`` and ``walk``, found again
+    by ``append``) and renames it onto ``<dir>/<name>`` at commit."""
 
     def __init__(self, full: str, *, append: bool, hasher: Any) -> None:
         self._full = full
-        self._partial = full + _SESSION_SUFFIX
+        directory, base = os.path.split(full)
+        self._partial = os.path.join(directory, _SESSION_PREFIX + base)
         self._append = append
         self._hasher = hasher
         self._fd: int | None = None

@@ -1,0 +1,106 @@
+"""The ``bastion`` command as a user runs it: exit codes, one-line errors, serve and stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BASTION = [sys.executable, "-m", "server.cli"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*BASTION, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(port: int, proc: subprocess.Popen[str], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError("bastion serve did not answer")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["serve", "--bogus"], "unrecognized arguments: --bogus"),
+        (["nosuchcommand"], "invalid choice"),
+        (["serve", "--workers", "x"], "invalid int value"),
+        (["serve", "--config", "/nonexistent.yaml"], "config file /nonexistent.yaml not found"),
+        (["serve", "--listen", "nope"], "listen: expected HOST:PORT"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(args: list[str], fragment: str) -> None:
+    p = run(*args)
+    assert p.returncode == 2
+    assert fragment in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_config_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("storage:\n  rot: /x\n")
+    p = run("serve", "--config", str(cfg))
+    assert p.returncode == 2
+    assert p.stderr.strip().startswith("bastion: unknown config key storage.rot")
+
+
+def test_port_in_use_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = run("serve", "--root", str(tmp_path), "--listen", f"127.0.0.1:{port}")
+    assert p.returncode == 1
+    assert "cannot listen on 127.0.0.1" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_serve_workers_and_clean_stop(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*BASTION, "serve", "--root", str(tmp_path / "root"), "--listen", f"127.0.0.1:{port}", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        wait_ready(port, proc)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2
+        # a blob pushed through one connection is visible to every later request (any worker)
+        body = b"shared across workers"
+        import hashlib
+
+        d = "sha256:" + hashlib.sha256(body).hexdigest()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/w/blobs/uploads/?digest={d}", data=body, method="POST")
+        assert urllib.request.urlopen(req, timeout=5).status == 201
+        for _ in range(20):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/w/blobs/{d}", timeout=5) as r:
+                assert r.read() == body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text()
