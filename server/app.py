@@ -85,7 +85,9 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     """The registry application for ``config``; ``store`` overrides the configured storage."""
     if store is None:
         store = Store(FilesystemDriver(config.storage.root), config.limits.manifest_size)
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.manifest_size)
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=config.limits.manifest_size
+    )
     app[CONFIG] = config
     app[STORE] = store
     app.on_response_prepare.append(_common_headers)

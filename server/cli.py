@@ -28,12 +28,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bastion", description="bastion-registry: OCI registry, pull-through cache and air-gap ferry")
+    parser = _Parser(
+        prog="bastion",
+        description="bastion-registry: OCI registry, pull-through cache and air-gap ferry",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     s = sub.add_parser("serve", help="serve the registry over HTTP")
     _common(s)
-    s.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)")
+    s.add_argument(
+        "--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)"
+    )
     s.add_argument("--workers", metavar="N", type=int, help="worker processes (0: one per CPU)")
     return parser
 
@@ -43,7 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(
             args.config,
-            {"root": args.root, "listen": getattr(args, "listen", None), "workers": getattr(args, "workers", None)},
+            {
+                "root": args.root,
+                "listen": getattr(args, "listen", None),
+                "workers": getattr(args, "workers", None),
+            },
         )
     except ConfigError as e:
         print(f"bastion: {e}", file=sys.stderr)

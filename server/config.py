@@ -99,8 +99,18 @@ class Config:
 
 
 _SIZE_RE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?", re.IGNORECASE)
-_UNITS: Final = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
-                 "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
 
 
 def parse_size(value: Any, what: str) -> int:
@@ -135,11 +145,15 @@ def _section(data: Any, what: str, allowed: set[str]) -> dict[str, Any]:
     unknown = sorted(set(map(str, data)) - allowed)
     if unknown:
         prefix = f"{what}." if what else ""
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (allowed: {', '.join(sorted(allowed))})")
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]} (allowed: {', '.join(sorted(allowed))})"
+        )
     return data
 
 
-def _typed(data: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str, default: Any) -> Any:
+def _typed(
+    data: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str, default: Any
+) -> Any:
     if key not in data or data[key] is None:
         return default
     value = data[key]
@@ -162,7 +176,9 @@ def _load_storage(data: Any) -> StorageConfig:
         if not s3.endpoint:
             raise ConfigError("storage.s3.endpoint is required when storage.s3 is set")
     if s3 is not None:
-        raise ConfigError("storage.s3: S3 storage is not available in this version; use storage.root")
+        raise ConfigError(
+            "storage.s3: S3 storage is not available in this version; use storage.root"
+        )
     return StorageConfig(
         root=str(_typed(d, "root", str, "storage", "./data")),
         s3=s3,
@@ -226,7 +242,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"mappings[{i}]: needs 'local' (a name) and 'sources' (a list)")
         cfg.mappings.append(Mapping(d["local"], [str(s) for s in d["sources"]]))
     a = _section(top.get("auth"), "auth", {"htpasswd", "anonymous_pull"})
-    cfg.auth = AuthConfig(_typed(a, "htpasswd", str, "auth", None), _typed(a, "anonymous_pull", bool, "auth", True))
+    cfg.auth = AuthConfig(
+        _typed(a, "htpasswd", str, "auth", None), _typed(a, "anonymous_pull", bool, "auth", True)
+    )
     if cfg.auth.htpasswd:
         raise ConfigError("auth.htpasswd: client authentication is not available in this version")
     t = _section(top.get("tls"), "tls", {"cert", "key"})
@@ -245,7 +263,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     if cfg.workers < 0:
         raise ConfigError(f"workers: expected 0 (one per CPU) or more, got {cfg.workers}")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"log_level: expected debug, info, warning or error, got {cfg.log_level!r}")
+        raise ConfigError(
+            f"log_level: expected debug, info, warning or error, got {cfg.log_level!r}"
+        )
     if bool(cfg.tls.cert) != bool(cfg.tls.key):
         raise ConfigError("tls: cert and key must be given together")
     return cfg

@@ -36,7 +36,9 @@ def page_params(request: web.Request) -> tuple[int | None, str | None]:
     n = None
     if raw_n is not None and raw_n != "":
         if not raw_n.isdigit():
-            raise OCIError("PAGINATION_NUMBER_INVALID", f"n must be a non-negative integer, got {raw_n!r}")
+            raise OCIError(
+                "PAGINATION_NUMBER_INVALID", f"n must be a non-negative integer, got {raw_n!r}"
+            )
         n = int(raw_n)
     return n, request.query.get("last") or None
 

@@ -98,7 +98,12 @@ def serve(config: Config) -> None:
     scheme = "https" if ssl_ctx else "http"
     log.info(
         "bastion-registry serving on %s://%s:%d (store %s, %d worker%s)",
-        scheme, host, port, os.path.abspath(config.storage.root), workers, "s" if workers > 1 else "",
+        scheme,
+        host,
+        port,
+        os.path.abspath(config.storage.root),
+        workers,
+        "s" if workers > 1 else "",
     )
     ctx = multiprocessing.get_context("fork")
     procs: list[multiprocessing.process.BaseProcess] = []

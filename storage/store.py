@@ -195,7 +195,8 @@ class Store:
         if parsed.subject is not None:
             descriptor = parsed.descriptor(digest, len(body))
             await self.driver.put_content(
-                paths.referrer(name, parsed.subject, digest), json.dumps(descriptor.to_json()).encode()
+                paths.referrer(name, parsed.subject, digest),
+                json.dumps(descriptor.to_json()).encode(),
             )
         for tag in tags:
             await self.driver.put_content(paths.tag(name, tag), str(digest).encode())
@@ -257,7 +258,9 @@ class Store:
 
         async def visit(prefix: str) -> None:
             try:
-                children = await self.driver.list(paths.repository(prefix) if prefix else paths.REPOSITORIES)
+                children = await self.driver.list(
+                    paths.repository(prefix) if prefix else paths.REPOSITORIES
+                )
             except PathNotFound:
                 return
             if prefix and ("_manifests" in children or "_layers" in children):

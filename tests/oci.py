@@ -31,19 +31,27 @@ async def push_blob(client: TestClient, repo: str, data: bytes) -> str:
 
 
 def image_manifest(
-    config: bytes, layers: list[bytes], media_type: str = OCI_MANIFEST, indent: int | None = None, **extra: Any
+    config: bytes,
+    layers: list[bytes],
+    media_type: str = OCI_MANIFEST,
+    indent: int | None = None,
+    **extra: Any,
 ) -> bytes:
     docker = media_type == DOCKER_MANIFEST
     doc = {
         "schemaVersion": 2,
         "mediaType": media_type,
         "config": descriptor(
-            "application/vnd.docker.container.image.v1+json" if docker else "application/vnd.oci.image.config.v1+json",
+            "application/vnd.docker.container.image.v1+json"
+            if docker
+            else "application/vnd.oci.image.config.v1+json",
             config,
         ),
         "layers": [
             descriptor(
-                "application/vnd.docker.image.rootfs.diff.tar.gzip" if docker else "application/vnd.oci.image.layer.v1.tar+gzip",
+                "application/vnd.docker.image.rootfs.diff.tar.gzip"
+                if docker
+                else "application/vnd.oci.image.layer.v1.tar+gzip",
                 layer,
             )
             for layer in layers
@@ -54,7 +62,12 @@ def image_manifest(
 
 
 async def push_image(
-    client: TestClient, repo: str, tag: str | None = None, seed: bytes = b"", media_type: str = OCI_MANIFEST, **extra: Any
+    client: TestClient,
+    repo: str,
+    tag: str | None = None,
+    seed: bytes = b"",
+    media_type: str = OCI_MANIFEST,
+    **extra: Any,
 ) -> tuple[str, bytes]:
     """Push a small image (config + one layer); returns (digest, manifest bytes)."""
     config = b'{"architecture":"amd64","os":"linux","seed":"' + seed + b'"}'
@@ -63,7 +76,9 @@ async def push_image(
     await push_blob(client, repo, layer)
     body = image_manifest(config, [layer], media_type, **extra)
     d = digest_of(body)
-    r = await client.put(f"/v2/{repo}/manifests/{tag or d}", data=body, headers={"Content-Type": media_type})
+    r = await client.put(
+        f"/v2/{repo}/manifests/{tag or d}", data=body, headers={"Content-Type": media_type}
+    )
     assert r.status == 201, await r.text()
     return d, body
 

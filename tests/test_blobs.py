@@ -46,7 +46,9 @@ async def test_unknown_blob_and_scoping(client) -> None:
     ],
     ids=["middle", "open-end", "suffix", "clamped", "reversed", "past-end", "bad-unit"],
 )
-async def test_range(client, header: str, status: int, expected: bytes | None, content_range: str) -> None:
+async def test_range(
+    client, header: str, status: int, expected: bytes | None, content_range: str
+) -> None:
     d = await push_blob(client, "r", BLOB)
     r = await client.get(f"/v2/r/blobs/{d}", headers={"Range": header})
     assert r.status == status

@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*BASTION, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [*BASTION, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def free_port() -> int:
@@ -80,8 +82,20 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
 def test_serve_workers_and_clean_stop(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
-        [*BASTION, "serve", "--root", str(tmp_path / "root"), "--listen", f"127.0.0.1:{port}", "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            *BASTION,
+            "serve",
+            "--root",
+            str(tmp_path / "root"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     try:
         wait_ready(port, proc)
@@ -92,15 +106,20 @@ def test_serve_workers_and_clean_stop(tmp_path: Path) -> None:
         import hashlib
 
         d = "sha256:" + hashlib.sha256(body).hexdigest()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/w/blobs/uploads/?digest={d}", data=body, method="POST")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/w/blobs/uploads/?digest={d}", data=body, method="POST"
+        )
         assert urllib.request.urlopen(req, timeout=5).status == 201
         for _ in range(20):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/w/blobs/{d}", timeout=5) as r:
                 assert r.read() == body
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        _out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     for pid in children:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not os.path.exists(f"/proc/{pid}")
+            or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )

@@ -29,7 +29,16 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert cfg.upstreams["quay.io"].url == "https://quay.io"
     assert cfg.mappings[0].local == "openshift4/ocp4"
     raw = yaml.safe_load((ROOT / "config.example.yaml").read_text())
-    assert {"listen", "workers", "storage", "upstreams", "mappings", "auth", "tls", "limits"} <= set(raw)
+    assert {
+        "listen",
+        "workers",
+        "storage",
+        "upstreams",
+        "mappings",
+        "auth",
+        "tls",
+        "limits",
+    } <= set(raw)
 
 
 def test_overrides_win(tmp_path: Path) -> None:
@@ -76,6 +85,9 @@ def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
     assert parse_listen(text) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [("4MiB", 4 << 20), ("4GB", 4 * 10**9), (1024, 1024), ("10", 10), ("1.5KiB", 1536)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("4MiB", 4 << 20), ("4GB", 4 * 10**9), (1024, 1024), ("10", 10), ("1.5KiB", 1536)],
+)
 def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text, "x") == expected

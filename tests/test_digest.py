@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage import Digest, InvalidDigest, InvalidName, InvalidReference, validate_name, validate_tag
+from storage import (
+    Digest,
+    InvalidDigest,
+    InvalidName,
+    InvalidReference,
+    validate_name,
+    validate_tag,
+)
 from storage.digest import MAX_NAME_LENGTH
 
 HEX = hashlib.sha256(b"x").hexdigest()
@@ -14,7 +21,13 @@ HEX = hashlib.sha256(b"x").hexdigest()
 
 @pytest.mark.parametrize(
     "name",
-    ["a", "library/ubuntu", "quay.io/openshift-release-dev/ocp-v4.0-art-dev", "a__b/c--d/e.f_g", "0/1/2/3/4/5/6/7/8/9"],
+    [
+        "a",
+        "library/ubuntu",
+        "quay.io/openshift-release-dev/ocp-v4.0-art-dev",
+        "a__b/c--d/e.f_g",
+        "0/1/2/3/4/5/6/7/8/9",
+    ],
 )
 def test_valid_names(name: str) -> None:
     assert validate_name(name) == name
@@ -22,7 +35,23 @@ def test_valid_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "A", "a/", "/a", "a//b", "_a", "a/_layers", "a/../b", "..", "a/.", "a.", "-a", "a___b", "a b", "a:5000/b"],
+    [
+        "",
+        "A",
+        "a/",
+        "/a",
+        "a//b",
+        "_a",
+        "a/_layers",
+        "a/../b",
+        "..",
+        "a/.",
+        "a.",
+        "-a",
+        "a___b",
+        "a b",
+        "a:5000/b",
+    ],
 )
 def test_invalid_names(name: str) -> None:
     with pytest.raises(InvalidName):
@@ -56,7 +85,16 @@ def test_digest_parse_and_str() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "sha256", f"sha256:{HEX[:-1]}", f"sha256:{HEX.upper()}", f"md5:{HEX}", "sha256:totallywrong", f"sha512:{HEX}", f"SHA256:{HEX}"],
+    [
+        "",
+        "sha256",
+        f"sha256:{HEX[:-1]}",
+        f"sha256:{HEX.upper()}",
+        f"md5:{HEX}",
+        "sha256:totallywrong",
+        f"sha512:{HEX}",
+        f"SHA256:{HEX}",
+    ],
 )
 def test_digest_invalid(text: str) -> None:
     with pytest.raises(InvalidDigest):

@@ -28,7 +28,9 @@ async def test_exact_bytes_by_tag_and_digest(client, media_type: str) -> None:
     await push_blob(client, "m/repo", config)
     await push_blob(client, "m/repo", layer)
     # odd formatting, tabs and unknown fields must survive byte for byte
-    body = image_manifest(config, [layer], media_type, indent=1, newUnspecifiedField=None).replace(b" ", b"\t")
+    body = image_manifest(config, [layer], media_type, indent=1, newUnspecifiedField=None).replace(
+        b" ", b"\t"
+    )
     d = digest_of(body)
     r = await client.put("/v2/m/repo/manifests/v1", data=body, headers={"Content-Type": media_type})
     assert r.status == 201
@@ -51,9 +53,13 @@ async def test_exact_bytes_by_tag_and_digest(client, media_type: str) -> None:
 async def test_put_by_digest_checks_the_body(client) -> None:
     d, body = await push_image(client, "m", seed=b"1")
     wrong = digest_of(body + b" ")
-    r = await client.put(f"/v2/m/manifests/{wrong}", data=body, headers={"Content-Type": OCI_MANIFEST})
+    r = await client.put(
+        f"/v2/m/manifests/{wrong}", data=body, headers={"Content-Type": OCI_MANIFEST}
+    )
     assert r.status == 400 and await error_code(r) == "DIGEST_INVALID"
-    r = await client.put("/v2/m/manifests/sha256:baddigeststring", data=body, headers={"Content-Type": OCI_MANIFEST})
+    r = await client.put(
+        "/v2/m/manifests/sha256:baddigeststring", data=body, headers={"Content-Type": OCI_MANIFEST}
+    )
     assert r.status == 400
     r = await client.put(f"/v2/m/manifests/{d}", data=body, headers={"Content-Type": OCI_MANIFEST})
     assert r.status == 201  # same bytes again: still 201
@@ -89,7 +95,11 @@ async def test_foreign_layers_need_not_be_pushed(client) -> None:
     await push_blob(client, "f", config)
     doc = json.loads(image_manifest(config, []))
     doc["layers"] = [
-        descriptor("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", b"windows base", urls=["https://example.invalid/x"])
+        descriptor(
+            "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+            b"windows base",
+            urls=["https://example.invalid/x"],
+        )
     ]
     body = json.dumps(doc).encode()
     r = await client.put("/v2/f/manifests/t", data=body, headers={"Content-Type": OCI_MANIFEST})
@@ -99,8 +109,8 @@ async def test_foreign_layers_need_not_be_pushed(client) -> None:
 @pytest.mark.parametrize("index_type", [OCI_INDEX, DOCKER_LIST])
 async def test_index_requires_children(client, index_type: str) -> None:
     child_type = OCI_MANIFEST if index_type == OCI_INDEX else DOCKER_MANIFEST
-    d1, b1 = await push_image(client, "idx", seed=b"amd64", media_type=child_type)
-    d2, b2 = await push_image(client, "idx", seed=b"arm64", media_type=child_type)
+    _d1, b1 = await push_image(client, "idx", seed=b"amd64", media_type=child_type)
+    _d2, b2 = await push_image(client, "idx", seed=b"arm64", media_type=child_type)
     children = [
         {**descriptor(child_type, b1), "platform": {"architecture": "amd64", "os": "linux"}},
         {**descriptor(child_type, b2), "platform": {"architecture": "arm64", "os": "linux"}},
@@ -110,8 +120,16 @@ async def test_index_requires_children(client, index_type: str) -> None:
     assert r.status == 201
     g = await client.get("/v2/idx/manifests/multi", headers={"Accept": index_type})
     assert await g.read() == body and g.headers["Content-Type"] == index_type
-    missing = json.dumps({"schemaVersion": 2, "mediaType": index_type, "manifests": [descriptor(child_type, b"nope")]}).encode()
-    r = await client.put("/v2/idx/manifests/bad", data=missing, headers={"Content-Type": index_type})
+    missing = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": index_type,
+            "manifests": [descriptor(child_type, b"nope")],
+        }
+    ).encode()
+    r = await client.put(
+        "/v2/idx/manifests/bad", data=missing, headers={"Content-Type": index_type}
+    )
     assert r.status == 400 and await error_code(r) == "MANIFEST_BLOB_UNKNOWN"
 
 
@@ -120,9 +138,15 @@ async def test_empty_index_and_manifest_without_media_type(client) -> None:
     r = await client.put("/v2/e/manifests/empty", data=body, headers={"Content-Type": OCI_INDEX})
     assert r.status == 201
     await push_blob(client, "e", b"{}")
-    doc = {"schemaVersion": 2, "config": descriptor("application/vnd.oci.image.config.v1+json", b"{}"), "layers": []}
+    doc = {
+        "schemaVersion": 2,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", b"{}"),
+        "layers": [],
+    }
     body = json.dumps(doc).encode()
-    r = await client.put("/v2/e/manifests/emptylayer", data=body, headers={"Content-Type": OCI_MANIFEST})
+    r = await client.put(
+        "/v2/e/manifests/emptylayer", data=body, headers={"Content-Type": OCI_MANIFEST}
+    )
     assert r.status == 201
     g = await client.get("/v2/e/manifests/emptylayer")
     assert g.headers["Content-Type"] == OCI_MANIFEST and await g.read() == body
@@ -133,14 +157,39 @@ async def test_empty_index_and_manifest_without_media_type(client) -> None:
     [
         (b"not json", OCI_MANIFEST, "not valid JSON"),
         (b"[]", OCI_MANIFEST, "not a JSON object"),
-        (json.dumps({"schemaVersion": 1, "name": "x", "fsLayers": []}).encode(), "application/vnd.docker.distribution.manifest.v1+prettyjws", "schema1"),
-        (json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode(), OCI_MANIFEST, "does not match"),
-        (json.dumps({"schemaVersion": 2, "mediaType": "application/x-weird"}).encode(), None, "unsupported manifest media type"),
-        (json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {"digest": "sha256:zz", "size": 1}, "layers": []}).encode(), OCI_MANIFEST, "config"),
+        (
+            json.dumps({"schemaVersion": 1, "name": "x", "fsLayers": []}).encode(),
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            "schema1",
+        ),
+        (
+            json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode(),
+            OCI_MANIFEST,
+            "does not match",
+        ),
+        (
+            json.dumps({"schemaVersion": 2, "mediaType": "application/x-weird"}).encode(),
+            None,
+            "unsupported manifest media type",
+        ),
+        (
+            json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "mediaType": OCI_MANIFEST,
+                    "config": {"digest": "sha256:zz", "size": 1},
+                    "layers": [],
+                }
+            ).encode(),
+            OCI_MANIFEST,
+            "config",
+        ),
     ],
     ids=["garbage", "array", "schema1", "type-mismatch", "unknown-type", "bad-descriptor"],
 )
-async def test_invalid_manifests(client, body: bytes, content_type: str | None, fragment: str) -> None:
+async def test_invalid_manifests(
+    client, body: bytes, content_type: str | None, fragment: str
+) -> None:
     headers = {"Content-Type": content_type} if content_type else {}
     r = await client.put("/v2/bad/manifests/t", data=body, headers=headers)
     assert r.status == 400
@@ -153,12 +202,16 @@ async def test_size_limit(client) -> None:
     await push_blob(client, "big", b"{}")
     pad = "x" * (4 * 1024 * 1024)
     body = image_manifest(b"{}", [], annotations={"pad": pad})
-    r = await client.put("/v2/big/manifests/t", data=io.BytesIO(body), headers={"Content-Type": OCI_MANIFEST})
+    r = await client.put(
+        "/v2/big/manifests/t", data=io.BytesIO(body), headers={"Content-Type": OCI_MANIFEST}
+    )
     assert r.status == 413
     assert await error_code(r) == "SIZE_INVALID"
     # just under 4 MiB is fine (the conformance suite pushes ~3.9 MB)
     body = image_manifest(b"{}", [], annotations={"pad": "x" * 3_900_000})
-    r = await client.put("/v2/big/manifests/t", data=io.BytesIO(body), headers={"Content-Type": OCI_MANIFEST})
+    r = await client.put(
+        "/v2/big/manifests/t", data=io.BytesIO(body), headers={"Content-Type": OCI_MANIFEST}
+    )
     assert r.status == 201
 
 
@@ -169,7 +222,9 @@ async def test_unknown_and_invalid_references(client) -> None:
         assert (await client.head(f"/v2/u/manifests/{ref}")).status == 404
     r = await client.get("/v2/u/manifests/sha256:totallywrong")
     assert r.status == 400 and await error_code(r) == "DIGEST_INVALID"
-    r = await client.put("/v2/u/manifests/-bad-tag", data=b"{}", headers={"Content-Type": OCI_MANIFEST})
+    r = await client.put(
+        "/v2/u/manifests/-bad-tag", data=b"{}", headers={"Content-Type": OCI_MANIFEST}
+    )
     assert r.status == 400 and await error_code(r) == "TAG_INVALID"
 
 
@@ -180,7 +235,9 @@ async def test_negotiation_by_tag(client) -> None:
     for accept in (f"{OCI_MANIFEST}, {DOCKER_MANIFEST};q=0.9", "*/*", "application/json"):
         r = await client.get("/v2/n/manifests/v1", headers={"Accept": accept})
         assert r.status == 200, accept
-    r = await client.get("/v2/n/manifests/v1", headers=[("Accept", OCI_MANIFEST), ("Accept", DOCKER_MANIFEST)])
+    r = await client.get(
+        "/v2/n/manifests/v1", headers=[("Accept", OCI_MANIFEST), ("Accept", DOCKER_MANIFEST)]
+    )
     assert r.status == 200
 
 
@@ -188,7 +245,7 @@ async def test_delete_by_digest_removes_its_tags(client) -> None:
     d, _ = await push_image(client, "del", "a", seed=b"s")
     for t in ("b", "c"):
         await push_image(client, "del", t, seed=b"s")
-    other, _ = await push_image(client, "del", "keep", seed=b"other")
+    _other, _ = await push_image(client, "del", "keep", seed=b"other")
     r = await client.delete(f"/v2/del/manifests/{d}")
     assert r.status == 202
     assert (await client.get(f"/v2/del/manifests/{d}")).status == 404
@@ -217,7 +274,9 @@ async def test_put_with_extra_tags(client) -> None:
     await push_blob(client, "tt", layer)
     body = image_manifest(config, [layer])
     d = digest_of(body)
-    r = await client.put(f"/v2/tt/manifests/{d}?tag=one&tag=two", data=body, headers={"Content-Type": OCI_MANIFEST})
+    r = await client.put(
+        f"/v2/tt/manifests/{d}?tag=one&tag=two", data=body, headers={"Content-Type": OCI_MANIFEST}
+    )
     assert r.status == 201
     assert r.headers["OCI-Tag"] == "one, two"
     assert (await (await client.get("/v2/tt/tags/list")).json())["tags"] == ["one", "two"]

@@ -44,7 +44,9 @@ async def test_nested_names_containing_api_words(client) -> None:
     d, body = await push_image(client, "a/manifests/b/blobs/uploads", "t")
     r = await client.get(f"/v2/a/manifests/b/blobs/uploads/manifests/{d}")
     assert r.status == 200 and await r.read() == body
-    assert (await (await client.get("/v2/a/manifests/b/blobs/uploads/tags/list")).json())["tags"] == ["t"]
+    assert (await (await client.get("/v2/a/manifests/b/blobs/uploads/tags/list")).json())[
+        "tags"
+    ] == ["t"]
 
 
 async def test_internal_error_has_no_traceback(client, monkeypatch) -> None:

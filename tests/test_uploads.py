@@ -36,7 +36,11 @@ async def test_chunked_upload_with_stale_url_retry_and_status(client) -> None:
     r = await client.patch(post_loc, data=BLOB[22:], headers={"Content-Range": "22-41"})
     assert r.status == 416  # out of order on an empty session
     post_loc = await start(client)
-    r = await client.patch(post_loc, data=BLOB[:22], headers={"Content-Range": "0-21", "Content-Type": "application/octet-stream"})
+    r = await client.patch(
+        post_loc,
+        data=BLOB[:22],
+        headers={"Content-Range": "0-21", "Content-Type": "application/octet-stream"},
+    )
     assert r.status == 202
     assert r.headers["Range"] == "0-21"
     loc = r.headers["Location"]
@@ -49,7 +53,9 @@ async def test_chunked_upload_with_stale_url_retry_and_status(client) -> None:
     assert status.headers["Location"]
     r = await client.patch(loc, data=BLOB[22:], headers={"Content-Range": "22-41"})
     assert r.status == 202 and r.headers["Range"] == "0-41"
-    r = await client.put(r.headers["Location"], params={"digest": digest_of(BLOB)}, headers={"Content-Length": "0"})
+    r = await client.put(
+        r.headers["Location"], params={"digest": digest_of(BLOB)}, headers={"Content-Length": "0"}
+    )
     assert r.status == 201
     assert await (await client.get(f"/v2/up/blobs/{digest_of(BLOB)}")).read() == BLOB
 
@@ -58,7 +64,9 @@ async def test_last_chunk_in_put(client) -> None:
     loc = await start(client)
     r = await client.patch(loc, data=BLOB[:30], headers={"Content-Range": "0-29"})
     assert r.status == 202
-    r = await client.put(loc, params={"digest": digest_of(BLOB)}, data=BLOB[30:], headers={"Content-Range": "30-41"})
+    r = await client.put(
+        loc, params={"digest": digest_of(BLOB)}, data=BLOB[30:], headers={"Content-Range": "30-41"}
+    )
     assert r.status == 201
     assert await (await client.get(f"/v2/up/blobs/{digest_of(BLOB)}")).read() == BLOB
 
@@ -110,7 +118,9 @@ async def test_sha512_blob(client) -> None:
     assert r.status == 201 and r.headers["Docker-Content-Digest"] == d
     loc = await start(client)
     await client.patch(loc, data=BLOB[:5], headers={"Content-Range": "0-4"})
-    r = await client.put(loc, params={"digest": d}, data=BLOB[5:], headers={"Content-Range": "5-41"})
+    r = await client.put(
+        loc, params={"digest": d}, data=BLOB[5:], headers={"Content-Range": "5-41"}
+    )
     assert r.status == 201
     assert await (await client.get(f"/v2/up/blobs/{d}")).read() == BLOB
 
@@ -120,7 +130,9 @@ async def test_cancel_and_unknown_sessions(client) -> None:
     r = await client.delete(loc)
     assert r.status == 204
     for method in ("GET", "PATCH", "PUT", "DELETE"):
-        r = await client.request(method, loc, params={"digest": digest_of(b"")} if method == "PUT" else None)
+        r = await client.request(
+            method, loc, params={"digest": digest_of(b"")} if method == "PUT" else None
+        )
         assert r.status == 404 and await error_code(r) == "BLOB_UPLOAD_UNKNOWN", method
     r = await client.get("/v2/up/blobs/uploads/not-a-uuid!")
     assert r.status == 404

@@ -13,7 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Final, TypeVar
+from typing import Any, BinaryIO, Final, TypeVar
 
 from .base import FileInfo, InvalidOffset, InvalidPath, PathNotFound
 
@@ -88,7 +88,7 @@ class FilesystemDriver:
     ) -> AsyncIterator[bytes]:
         full = self._full(path)
         try:
-            f = await _run(open, full, "rb")
+            f: BinaryIO = await _run(_open_read, full)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise PathNotFound(path) from None
         try:
@@ -174,6 +174,10 @@ class FilesystemDriver:
                 child = f"{rel}/{name}"
                 yield FileInfo(child, size, mtime, is_dir)
             stack.extend(f"{rel}/{n}" for n, d, _, _ in reversed(entries) if d)
+
+
+def _open_read(full: str) -> BinaryIO:
+    return open(full, "rb")
 
 
 def _atomic_write(full: str, data: bytes) -> None:
