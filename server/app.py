@@ -17,8 +17,9 @@ from storage import FilesystemDriver, Store, validate_name
 
 from . import blobs, catalog, manifests, referrers, tags, uploads
 from .config import Config
-from .context import CONFIG, STORE
+from .context import CONFIG, PROXY, STORE
 from .errors import OCIError, error_middleware
+from .proxy import Proxy, proxied, refuse_write
 
 __all__ = ["make_app", "ROUTES"]
 
@@ -72,6 +73,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         params = m.groupdict()
         if "name" in params:
             validate_name(params["name"])
+            if request.method not in ("GET", "HEAD"):
+                cache = proxied(request, params["name"])
+                if cache is not None:
+                    raise refuse_write(params["name"], cache[1])
         request.match_info.update(params)
         return await handler(request)
     raise OCIError("UNSUPPORTED", "no such API endpoint", status=404)
@@ -79,6 +84,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
+
+
+async def _close_proxy(app: web.Application) -> None:
+    await app[PROXY].close()
 
 
 def make_app(config: Config, store: Store | None = None) -> web.Application:
@@ -90,6 +99,9 @@ def make_app(config: Config, store: Store | None = None) -> web.Application:
     )
     app[CONFIG] = config
     app[STORE] = store
+    if config.upstreams or config.mappings:
+        app[PROXY] = Proxy(config, store)
+        app.on_cleanup.append(_close_proxy)
     app.on_response_prepare.append(_common_headers)
     app.router.add_route("*", "/v2", dispatch)
     app.router.add_route("*", "/v2/{tail:.*}", dispatch)

@@ -1,51 +1,143 @@
-"""Blob endpoints: GET/HEAD (end-2) with Range, DELETE (end-10)."""
+"""Blob endpoints: GET/HEAD (end-2) with Range, DELETE (end-10); pull-through for proxied
+repositories (served while being cached)."""
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 
-from storage import Digest
+from storage import Digest, Store
+from storage.fill import Fill, FillFailed, SourceMissing
 
 from .context import store_of
 from .errors import OCIError
+from .proxy import Proxy, Source, proxied, upstream_error
+from .upstream import UpstreamError
 
 __all__ = ["get_blob", "delete_blob"]
 
+log = logging.getLogger("bastion.blobs")
 
-def _check_range(request: web.Request, size: int) -> None:
-    """Refuse a ``Range`` that is malformed or unsatisfiable (RFC 9110 15.5.17) with the OCI
-    error body; satisfiable ones are served by ``FileResponse``."""
-    if "Range" not in request.headers:
-        return
-    unsatisfiable = OCIError(
+
+def _unsatisfiable(request: web.Request, size: int) -> OCIError:
+    return OCIError(
         "RANGE_INVALID",
         f"range {request.headers['Range']!r} not satisfiable for a blob of {size} bytes",
         headers={"Content-Range": f"bytes */{size}"},
     )
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` of a satisfiable ``Range`` (RFC 9110 14.1.2), None without one; a
+    malformed or unsatisfiable range raises RANGE_INVALID with ``Content-Range: bytes */size``."""
+    if "Range" not in request.headers:
+        return None
     try:
         rng = request.http_range
     except ValueError:
-        raise unsatisfiable from None
-    if size == 0 or (rng.start is not None and rng.start >= size):
-        raise unsatisfiable
+        raise _unsatisfiable(request, size) from None
+    start, stop = rng.start, rng.stop
+    if start is not None and start < 0:  # suffix: the last -start bytes
+        start = max(size + start, 0)
+    start = start or 0
+    stop = size if stop is None else min(stop, size)
+    if size == 0 or start >= size or start >= stop:
+        raise _unsatisfiable(request, size)
+    return start, stop
+
+
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000",
+    }
+
+
+def _serve_file(request: web.Request, store: Store, digest: Digest, size: int) -> web.StreamResponse:
+    _byte_range(request, size)  # refuse bad ranges with the OCI error body
+    path = store.blob_local_path(digest)
+    if path is None:
+        raise OCIError("UNSUPPORTED", "this storage backend cannot serve blobs directly")
+    # sendfile, Range (206) and conditional requests are FileResponse's
+    return web.FileResponse(path, headers=_blob_headers(digest))
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     digest = Digest.parse(request.match_info["digest"])
     store = store_of(request)
+    cache = proxied(request, name)
+    if cache is not None:
+        return await _get_proxied(request, store, name, digest, *cache)
     size = await store.stat_blob(name, digest)
-    _check_range(request, size)
-    path = store.blob_local_path(digest)
-    if path is None:
-        raise OCIError("UNSUPPORTED", "this storage backend cannot serve blobs directly")
-    headers = {
-        "Docker-Content-Digest": str(digest),
-        "Content-Type": "application/octet-stream",
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "max-age=31536000",
-    }
-    return web.FileResponse(path, headers=headers)
+    return _serve_file(request, store, digest, size)
+
+
+async def _get_proxied(
+    request: web.Request, store: Store, name: str, digest: Digest, proxy: Proxy, sources: list[Source]
+) -> web.StreamResponse:
+    size = await store.blob_size(digest)
+    if size is not None:
+        proxy.stats["blob_hits"] += 1
+        if not await store.is_linked(name, digest):
+            await store.link_blob(name, digest)
+        return _serve_file(request, store, digest, size)
+    try:
+        if request.method == "HEAD":
+            size = await proxy.head_blob(name, digest, sources)
+            headers = _blob_headers(digest)
+            if size is not None:
+                headers["Content-Length"] = str(size)
+            return web.Response(status=200, headers=headers)
+        proxy.stats["blob_misses"] += 1
+        upstream = sources[0].upstream.config
+        fill = await proxy.fills.open(
+            digest,
+            proxy.fetcher(digest, sources),
+            on_commit=lambda: store.link_blob(name, digest),
+            start_timeout=upstream.connect_timeout + upstream.read_timeout,
+        )
+    except SourceMissing as e:
+        raise OCIError("BLOB_UNKNOWN", str(e)) from None
+    except FillFailed as e:
+        raise OCIError("UNKNOWN", str(e), status=502) from None
+    except UpstreamError as e:
+        raise upstream_error(e, "blob") from None
+    if fill is None:  # it landed meanwhile
+        await store.link_blob(name, digest)
+        return _serve_file(request, store, digest, await store.stat_blob(name, digest))
+    return await _stream_fill(request, store, name, fill)
+
+
+async def _stream_fill(request: web.Request, store: Store, name: str, fill: Fill) -> web.StreamResponse:
+    """Stream a blob while it is being fetched. If the fetch fails midway the connection is
+    cut, so the client sees a short body rather than a wrong one."""
+    headers = _blob_headers(fill.digest)
+    start, end, status = 0, fill.size, 200
+    if fill.size is not None:
+        rng = _byte_range(request, fill.size)
+        if rng is not None:
+            start, end, status = rng[0], rng[1], 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{fill.size}"
+    response = web.StreamResponse(status=status, headers=headers)
+    if end is not None:
+        response.content_length = end - start
+    await response.prepare(request)
+    try:
+        async for chunk in fill.stream(start, end):
+            await response.write(chunk)
+    except FillFailed as e:
+        log.error("serving %s@%s while fetching: %s", name, fill.digest, e)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    if await store.blob_size(fill.digest) is not None:
+        await store.link_blob(name, fill.digest)
+    return response
 
 
 async def delete_blob(request: web.Request) -> web.StreamResponse:
@@ -53,3 +145,5 @@ async def delete_blob(request: web.Request) -> web.StreamResponse:
     digest = Digest.parse(request.match_info["digest"])
     await store_of(request).delete_blob(name, digest)
     return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})
+
+

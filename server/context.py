@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from typing import TYPE_CHECKING
+
 from storage import Store
 
 from .config import Config
 
-__all__ = ["CONFIG", "STORE", "store_of"]
+if TYPE_CHECKING:
+    from .proxy import Proxy
+
+__all__ = ["CONFIG", "STORE", "PROXY", "store_of"]
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 
 
 def store_of(request: web.Request) -> Store:

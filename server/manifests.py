@@ -18,6 +18,8 @@ from storage.manifest import MANIFEST_TYPES, SCHEMA1_TYPES
 from .context import store_of
 from .errors import OCIError
 from .http import media_type
+from .proxy import proxied, upstream_error
+from .upstream import UpstreamError
 
 __all__ = ["get_manifest", "put_manifest", "delete_manifest"]
 
@@ -58,13 +60,21 @@ def _headers(info: ManifestInfo) -> dict[str, str]:
 async def get_manifest(request: web.Request) -> web.StreamResponse:
     name, reference = request.match_info["name"], request.match_info["reference"]
     store = store_of(request)
+    stored_as = reference
+    cache = proxied(request, name)
+    if cache is not None:
+        proxy, sources = cache
+        try:
+            stored_as = str((await proxy.manifest(name, reference, sources)).digest)
+        except UpstreamError as e:
+            raise upstream_error(e, "manifest") from None
     if request.method == "HEAD":
-        info = await store.stat_manifest(name, reference)
+        info = await store.stat_manifest(name, stored_as)
         _negotiate(request, reference, info)
         headers = _headers(info)
         headers["Content-Length"] = str(info.size)
         return web.Response(status=200, headers=headers)
-    info, body = await store.get_manifest(name, reference)
+    info, body = await store.get_manifest(name, stored_as)
     _negotiate(request, reference, info)
     return web.Response(status=200, body=body, headers=_headers(info))
 

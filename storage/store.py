@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Final
@@ -26,7 +27,7 @@ from .errors import (
     ManifestUnknown,
     RepositoryUnknown,
 )
-from .manifest import parse_manifest
+from .manifest import ParsedManifest, parse_manifest
 from .uploads import Uploads
 
 __all__ = ["Store", "ManifestInfo", "DEFAULT_MANIFEST_LIMIT"]
@@ -188,6 +189,27 @@ class Store:
             *(check_blob(d) for d in set(parsed.blobs)),
             *(check_child(d) for d in set(parsed.children)),
         )
+        await self._store_manifest(name, digest, body, parsed, tags)
+        return digest, parsed.subject
+
+    async def cache_manifest(
+        self, name: str, digest: Digest, body: bytes, content_type: str | None, tag: str | None
+    ) -> ManifestInfo:
+        """Store a manifest fetched from an upstream (pull-through) after checking that ``body``
+        hashes to ``digest``. Unlike ``put_manifest`` the content it references need not be
+        here yet: the cache fetches it on demand."""
+        actual = Digest.of(body, digest.algorithm)
+        if actual != digest:
+            raise DigestMismatch(f"manifest body has digest {actual}, not {digest}")
+        parsed = parse_manifest(body, content_type)
+        await self._store_manifest(name, digest, body, parsed, [validate_tag(tag)] if tag else [])
+        return ManifestInfo(digest, parsed.media_type, len(body))
+
+    async def _store_manifest(
+        self, name: str, digest: Digest, body: bytes, parsed: ParsedManifest, tags: list[str]
+    ) -> None:
+        """Content first, then the revision link, referrers and tags last, so a visible tag
+        always points at complete content."""
         if await self.blob_size(digest) is None:
             await self.driver.put_content(paths.blob(digest), body)
         meta = json.dumps({"mediaType": parsed.media_type}).encode()
@@ -200,7 +222,19 @@ class Store:
             )
         for tag in tags:
             await self.driver.put_content(paths.tag(name, tag), str(digest).encode())
-        return digest, parsed.subject
+
+    async def tag_age(self, name: str, tag: str) -> float | None:
+        """Seconds since ``tag`` was last written or revalidated, or None if it does not exist."""
+        try:
+            validate_tag(tag)
+            info = await self.driver.stat(paths.tag(name, tag))
+        except (PathNotFound, InvalidReference):
+            return None
+        return max(0.0, time.time() - info.mtime)
+
+    async def touch_tag(self, name: str, tag: str, digest: Digest) -> None:
+        """Record that ``tag`` was revalidated now (rewrites it, which updates its mtime)."""
+        await self.driver.put_content(paths.tag(name, tag), str(digest).encode())
 
     async def delete_manifest(self, name: str, reference: str) -> None:
         """By tag: remove the tag only. By digest: remove the manifest from ``name``, every tag

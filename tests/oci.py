@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from typing import Any
 
@@ -25,7 +26,7 @@ def descriptor(media_type: str, data: bytes, **extra: Any) -> dict[str, Any]:
 
 async def push_blob(client: TestClient, repo: str, data: bytes) -> str:
     d = digest_of(data)
-    r = await client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": d}, data=data)
+    r = await client.post(f"/v2/{repo}/blobs/uploads/", params={"digest": d}, data=io.BytesIO(data))
     assert r.status == 201, await r.text()
     return d
 

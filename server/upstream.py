@@ -1,0 +1,332 @@
+"""The one entry point to an upstream registry: auth challenge, token scope, retries, timeouts.
+
+Behaves like the nodes' client (containers/image ``docker_client.go``): the first request goes
+out anonymously (or with a token already cached for its scope); a 401 carries a
+``WWW-Authenticate`` challenge (RFC 7235 4.1) answered with Basic credentials or a Bearer token
+from the realm (distribution token spec: ``service``, ``scope=repository:NAME:pull``), using
+the pull secret entry for the host. Tokens are cached per scope until ``expires_in`` and fetched
+again on a 401. 429/502/503/504 and connection errors are retried a bounded number of times,
+honouring ``Retry-After``. Every body read is bounded by a named limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+
+from .authfile import AuthFileError, Credentials, load_authfile, lookup
+from .config import UpstreamConfig
+
+__all__ = [
+    "UpstreamError",
+    "UpstreamNotFound",
+    "UpstreamAuthError",
+    "UpstreamUnavailable",
+    "UpstreamClient",
+    "UpstreamBlob",
+    "MANIFEST_ACCEPT",
+]
+
+log = logging.getLogger("bastion.upstream")
+
+MANIFEST_ACCEPT: Final = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+#: Token responses are small JSON documents.
+_TOKEN_LIMIT: Final = 1 << 20
+_RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
+_MAX_ATTEMPTS: Final = 3
+_MAX_RETRY_AFTER: Final = 5.0
+_DEFAULT_TOKEN_LIFETIME: Final = 60.0
+_CHALLENGE_RE: Final = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+
+
+class UpstreamError(Exception):
+    """An upstream request failed; ``str()`` is one line naming the upstream and the cause."""
+
+
+class UpstreamNotFound(UpstreamError):
+    """The upstream answered 404: it does not have the content."""
+
+
+class UpstreamAuthError(UpstreamError):
+    """The upstream refused our credentials (or wants some and the pull secret has none)."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Unreachable, timed out, or answered 5xx/429 after retries."""
+
+
+@dataclass
+class _Token:
+    value: str
+    expires: float
+
+
+class UpstreamBlob:
+    """An open blob response: ``size`` (None if the upstream sent no length) and ``chunks``.
+    The caller must ``close`` it."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.size = response.content_length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        # iter_any: hand bytes on as they arrive, so clients see the first byte at once
+        async for chunk in self._response.content.iter_any():
+            yield chunk
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class UpstreamClient:
+    """Requests to one upstream registry (one ``upstreams:`` entry)."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.host = config.host
+        self._session: aiohttp.ClientSession | None = None
+        self._tokens: dict[str, _Token] = {}
+        self._challenge: tuple[str, dict[str, str]] | None = None
+        self._credentials: dict[str, Credentials] | None = None
+
+    # ---- plumbing ----------------------------------------------------------------------------
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.config.url.startswith("https://"):
+            return True
+        if not self.config.tls_verify:
+            return False
+        ctx = ssl.create_default_context()
+        if self.config.ca_file:
+            ctx.load_verify_locations(self.config.ca_file)
+        return ctx
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                connect=self.config.connect_timeout,
+                sock_connect=self.config.connect_timeout,
+                sock_read=self.config.read_timeout,
+            )
+            connector = aiohttp.TCPConnector(ssl=self._ssl(), limit=64)
+            self._session = aiohttp.ClientSession(
+                timeout=timeout, connector=connector, auto_decompress=False
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def credentials(self, repository: str) -> Credentials | None:
+        if self.config.authfile is None:
+            return None
+        if self._credentials is None:
+            try:
+                self._credentials = load_authfile(self.config.authfile)
+            except AuthFileError as e:
+                raise UpstreamAuthError(f"upstream {self.host}: {e}") from None
+        return lookup(self._credentials, self.host, repository)
+
+    # ---- auth --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_challenge(header: str) -> tuple[str, dict[str, str]] | None:
+        scheme, _, rest = header.strip().partition(" ")
+        if not scheme:
+            return None
+        params = {k.lower(): (v1 if v1 else v2) for k, v1, v2 in _CHALLENGE_RE.findall(rest)}
+        return scheme.lower(), params
+
+    async def _bearer_token(self, repository: str, params: dict[str, str], scope: str) -> str:
+        cached = self._tokens.get(scope)
+        if cached is not None and cached.expires > time.monotonic():
+            return cached.value
+        realm = params.get("realm")
+        if not realm:
+            raise UpstreamAuthError(f"upstream {self.host}: Bearer challenge without a realm")
+        query = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        creds = self.credentials(repository)
+        auth = aiohttp.BasicAuth(creds.username, creds.password) if creds else None
+        try:
+            async with self._get_session().get(realm, params=query, auth=auth) as r:
+                if r.status in (401, 403):
+                    raise UpstreamAuthError(self._auth_refused(repository, r.status))
+                if r.status != 200:
+                    raise UpstreamUnavailable(
+                        f"upstream {self.host}: token service {realm} answered {r.status}"
+                    )
+                doc = await r.json(content_type=None)
+                if r.content_length is not None and r.content_length > _TOKEN_LIMIT:
+                    raise UpstreamError(f"upstream {self.host}: token response too large")
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+            raise UpstreamUnavailable(f"upstream {self.host}: token service {realm}: {e}") from None
+        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token:
+            raise UpstreamAuthError(f"upstream {self.host}: token service gave no token")
+        lifetime = doc.get("expires_in")
+        if not isinstance(lifetime, (int, float)) or lifetime <= 0:
+            lifetime = _DEFAULT_TOKEN_LIFETIME
+        # renew a little early so a token never expires in flight
+        self._tokens[scope] = _Token(token, time.monotonic() + max(lifetime - 10, lifetime / 2))
+        return token
+
+    def _auth_refused(self, repository: str, status: int) -> str:
+        creds = self.credentials(repository)
+        if creds is None:
+            where = (
+                f"no credentials for {self.host} in {self.config.authfile}"
+                if self.config.authfile
+                else "no authfile configured"
+            )
+            return f"upstream {self.host} requires authentication ({status}); {where}"
+        return (
+            f"upstream {self.host} refused the credentials of user {creds.username!r} "
+            f"from {self.config.authfile} ({status})"
+        )
+
+    async def _authorization(self, repository: str) -> str | None:
+        if self._challenge is None:
+            return None
+        scheme, params = self._challenge
+        if scheme == "bearer":
+            token = await self._bearer_token(repository, params, f"repository:{repository}:pull")
+            return f"Bearer {token}"
+        if scheme == "basic":
+            creds = self.credentials(repository)
+            if creds is not None:
+                return aiohttp.BasicAuth(creds.username, creds.password).encode()
+        return None
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    async def request(
+        self, method: str, repository: str, path: str, headers: dict[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """Send ``method`` to ``/v2/<repository>/<path>`` with auth and retries. Returns the
+        response for any status below 400 (the caller closes it); raises ``UpstreamError``
+        subclasses otherwise."""
+        url = f"{self.config.url}/v2/{repository}/{path}"
+        authed_retry = False
+        attempt = 0
+        while True:
+            attempt += 1
+            hdrs = dict(headers or {})
+            authorization = await self._authorization(repository)
+            if authorization:
+                hdrs["Authorization"] = authorization
+            try:
+                response = await self._get_session().request(method, url, headers=hdrs)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+                if attempt < _MAX_ATTEMPTS:
+                    await asyncio.sleep(0.2 * attempt)
+                    continue
+                raise UpstreamUnavailable(
+                    f"upstream {self.host} unreachable at {self.config.url}: "
+                    f"{e.__class__.__name__} {e}".rstrip()
+                ) from None
+            if response.status == 401 and not authed_retry:
+                challenge = self._parse_challenge(response.headers.get("WWW-Authenticate", ""))
+                response.release()
+                if challenge is None:
+                    raise UpstreamAuthError(self._auth_refused(repository, 401))
+                self._challenge = challenge
+                if authorization:  # the token we sent was refused: fetch a fresh one
+                    self._tokens.clear()
+                authed_retry = True
+                continue
+            if response.status in (401, 403):
+                response.release()
+                self._tokens.pop(f"repository:{repository}:pull", None)
+                raise UpstreamAuthError(self._auth_refused(repository, response.status))
+            if response.status in _RETRY_STATUSES:
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+                response.release()
+                if attempt < _MAX_ATTEMPTS:
+                    await asyncio.sleep(min(retry_after or 0.5 * attempt, _MAX_RETRY_AFTER))
+                    continue
+                raise UpstreamUnavailable(
+                    f"upstream {self.host} answered {response.status} for {repository}/{path}"
+                )
+            if response.status == 404:
+                response.release()
+                raise UpstreamNotFound(f"upstream {self.host} has no {repository}/{path}")
+            if response.status >= 400:
+                response.release()
+                raise UpstreamError(
+                    f"upstream {self.host} answered {response.status} for {repository}/{path}"
+                )
+            return response
+
+    async def get_manifest(
+        self, repository: str, reference: str, limit: int
+    ) -> tuple[bytes, str | None, str | None]:
+        """(exact body, Content-Type, Docker-Content-Digest) of a manifest, at most ``limit``
+        bytes."""
+        response = await self.request(
+            "GET", repository, f"manifests/{reference}", {"Accept": MANIFEST_ACCEPT}
+        )
+        try:
+            if response.content_length is not None and response.content_length > limit:
+                raise UpstreamError(
+                    f"upstream {self.host}: manifest {reference} larger than {limit} bytes"
+                )
+            parts: list[bytes] = []
+            total = 0
+            async for chunk in response.content.iter_any():
+                total += len(chunk)
+                if total > limit:
+                    raise UpstreamError(
+                        f"upstream {self.host}: manifest {reference} larger than {limit} bytes"
+                    )
+                parts.append(chunk)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise UpstreamUnavailable(f"upstream {self.host}: reading manifest: {e}") from None
+        finally:
+            response.release()
+        content_type = response.headers.get("Content-Type")
+        return b"".join(parts), content_type, response.headers.get("Docker-Content-Digest")
+
+    async def head_manifest(self, repository: str, reference: str) -> tuple[str | None, str | None]:
+        """(Docker-Content-Digest, Content-Type) of a manifest without its body."""
+        response = await self.request(
+            "HEAD", repository, f"manifests/{reference}", {"Accept": MANIFEST_ACCEPT}
+        )
+        response.release()
+        return response.headers.get("Docker-Content-Digest"), response.headers.get("Content-Type")
+
+    async def head_blob(self, repository: str, digest: str) -> int | None:
+        response = await self.request("HEAD", repository, f"blobs/{digest}")
+        response.release()
+        return response.content_length
+
+    async def open_blob(self, repository: str, digest: str) -> UpstreamBlob:
+        return UpstreamBlob(await self.request("GET", repository, f"blobs/{digest}"))
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+

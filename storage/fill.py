@@ -1,0 +1,359 @@
+"""Coalesced filling of a missing blob from another registry (pull-through), one fetch per
+digest for every request in every worker process sharing the root.
+
+Files (filesystem driver; see ``storage.paths``)::
+
+    <root>/proxy/<alg>/<hex>.lock      flock()ed by the one leader for the whole fetch; holds the
+                                       fill state as JSON {"token", "size", "state", "error"}
+    <root>/proxy/<alg>/<hex>.<token>   the bytes as they arrive; renamed into blobs/ once the
+                                       digest and size are verified, deleted otherwise
+
+The first request takes the lock and starts the fetch as a task of its own (so it survives that
+client going away); every request, the first included, streams the growing data file. A
+follower in the leader's process is woken on each write; one in another process polls. A
+wrong or truncated body is never committed: its followers' responses are cut short, which
+clients detect, and the next request fetches again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from . import paths
+from .digest import Digest
+from .errors import StoreError
+
+__all__ = ["BlobSource", "Fetch", "Fill", "FillFailed", "Fills", "SourceMissing"]
+
+log = logging.getLogger("bastion.fill")
+
+_POLL: Final = 0.02
+#: A follower that sees no byte for this long checks whether the leader is still alive.
+_LIVENESS_EVERY: Final = 1.0
+_READ: Final = 1 << 20
+
+
+class FillFailed(StoreError):
+    """The fetch could not start or did not deliver the right bytes."""
+
+
+class SourceMissing(FillFailed):
+    """No source has the blob (raised by a ``Fetch`` and passed on to every waiter)."""
+
+
+class BlobSource(Protocol):
+    size: int | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+Fetch = Callable[[], Awaitable[BlobSource]]
+
+
+@dataclass
+class _Leader:
+    """In-process view of a fetch this process leads."""
+
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def notify(self) -> None:
+        old, self.changed = self.changed, asyncio.Event()
+        old.set()
+
+
+def _run(func: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    return asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+
+def _try_lock(path: str) -> int | None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return fd
+
+
+def _held(path: str) -> bool:
+    """Whether some leader (in any process) holds the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _write_state(fd: int, state: dict[str, Any]) -> None:
+    data = json.dumps(state).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def _read_state(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read(65536) or b"null")
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+class Fill:
+    """A fetch in progress (or just finished) whose bytes can be streamed."""
+
+    def __init__(self, fills: Fills, digest: Digest, state: dict[str, Any], leader: _Leader | None):
+        self._fills = fills
+        self.digest = digest
+        self.size: int | None = state.get("size")
+        self._data = fills.data_path(digest, state["token"])
+        self._leader = leader
+
+    def _state(self) -> dict[str, Any] | None:
+        if self._leader is not None:
+            return self._leader.state
+        return _read_state(self._fills.lock_path(self.digest))
+
+    async def _wait(self) -> None:
+        if self._leader is not None:
+            try:
+                await asyncio.wait_for(self._leader.changed.wait(), _LIVENESS_EVERY)
+            except asyncio.TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(_POLL)
+
+    def _open(self) -> int:
+        try:
+            return os.open(self._data, os.O_RDONLY)
+        except FileNotFoundError:
+            # already committed (renamed into the pool), or failed and removed
+            return os.open(self._fills.blob_path(self.digest), os.O_RDONLY)
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` as they arrive. Raises ``FillFailed`` if the fetch fails
+        before they all arrived."""
+        try:
+            fd = await _run(self._open)
+        except FileNotFoundError:
+            raise FillFailed(f"fetch of {self.digest} failed") from None
+        try:
+            pos = start
+            idle_since = time.monotonic()
+            while end is None or pos < end:
+                want = _READ if end is None else min(_READ, end - pos)
+                chunk = await _run(os.pread, fd, want, pos)
+                if chunk:
+                    pos += len(chunk)
+                    idle_since = time.monotonic()
+                    yield chunk
+                    continue
+                state = self._state() or {}
+                if state.get("state") == "failed":
+                    raise FillFailed(state.get("error") or f"fetch of {self.digest} failed")
+                if state.get("state") == "done":
+                    if os.fstat(fd).st_size > pos:
+                        continue  # written between our read and the state change
+                    if end is not None and pos < end:
+                        raise FillFailed(f"fetch of {self.digest} ended short")
+                    return
+                if time.monotonic() - idle_since > _LIVENESS_EVERY:
+                    lock = self._fills.lock_path(self.digest)
+                    alive = await _run(_held, lock)
+                    if not alive and not await _run(self._fills.blob_path_exists, self.digest):
+                        raise FillFailed(f"fetch of {self.digest} was interrupted")
+                    idle_since = time.monotonic()
+                await self._wait()
+        finally:
+            os.close(fd)
+
+
+class Fills:
+    """Every fill of one store (filesystem driver only: it needs ``local_path`` and flock)."""
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+        self._leaders: dict[Digest, _Leader] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def lock_path(self, digest: Digest) -> str:
+        return os.path.join(self._root, "proxy", digest.algorithm, f"{digest.hex}.lock")
+
+    def data_path(self, digest: Digest, token: str) -> str:
+        return os.path.join(self._root, "proxy", digest.algorithm, f"{digest.hex}.{token}")
+
+    def blob_path(self, digest: Digest) -> str:
+        return os.path.join(self._root, *paths.blob(digest).split("/"))
+
+    def blob_path_exists(self, digest: Digest) -> bool:
+        return os.path.exists(self.blob_path(digest))
+
+    async def open(
+        self,
+        digest: Digest,
+        fetch: Fetch,
+        *,
+        on_commit: Callable[[], Awaitable[None]] | None = None,
+        start_timeout: float = 30.0,
+    ) -> Fill | None:
+        """None if the blob is in the pool; else a ``Fill`` to stream, leading the fetch if no
+        one (in any process) does. ``on_commit`` runs after this process commits the blob.
+        Raises ``FillFailed`` if the fetch fails before its first byte or does not start
+        within ``start_timeout``."""
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if await _run(self.blob_path_exists, digest):
+                return None
+            leader = self._leaders.get(digest)
+            if leader is not None:
+                await leader.started.wait()
+                if leader.state.get("state") == "failed" and "token" not in leader.state:
+                    raise _failure(leader.state)
+                return Fill(self, digest, leader.state, leader)
+            fd = await _run(_try_lock, self.lock_path(digest))
+            if fd is not None:
+                if await _run(self.blob_path_exists, digest):
+                    os.close(fd)
+                    return None
+                await _run(_write_state, fd, {})
+                leader = _Leader()
+                self._leaders[digest] = leader
+                task = asyncio.ensure_future(self._lead(digest, fetch, fd, leader, on_commit))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                continue  # wait for it to start, as any other local follower does
+            state = await _run(_read_state, self.lock_path(digest))
+            if state and state.get("token") and state.get("state") == "fetching":
+                return Fill(self, digest, state, None)
+            if state and state.get("state") == "failed" and await _run(_held, self.lock_path(digest)):
+                raise _failure(state)
+            if time.monotonic() > deadline:
+                raise FillFailed(f"timed out waiting for the fetch of {digest} to start")
+            await asyncio.sleep(_POLL)
+
+    async def _lead(
+        self,
+        digest: Digest,
+        fetch: Fetch,
+        lock_fd: int,
+        leader: _Leader,
+        on_commit: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        token = uuid.uuid4().hex
+        data_path = self.data_path(digest, token)
+        data_fd: int | None = None
+        source: BlobSource | None = None
+        try:
+            try:
+                source = await fetch()
+            except Exception as e:
+                leader.state = {
+                    "state": "failed",
+                    "error": str(e) or e.__class__.__name__,
+                    "missing": isinstance(e, SourceMissing),
+                }
+                await _run(_write_state, lock_fd, leader.state)
+                raise
+            data_fd = await _run(os.open, data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            leader.state = {"token": token, "size": source.size, "state": "fetching"}
+            await _run(_write_state, lock_fd, leader.state)
+            leader.started.set()
+            hasher = hashlib.new(digest.algorithm)
+            total = 0
+            async for chunk in source.chunks():
+                total += len(chunk)
+                if source.size is not None and total > source.size:
+                    raise FillFailed(f"upstream sent more than the {source.size} bytes announced")
+                await _run(_append, data_fd, chunk, hasher)
+                leader.notify()
+            await _run(os.fsync, data_fd)
+            if source.size is not None and total != source.size:
+                raise FillFailed(f"upstream body of {digest} truncated: {total} of {source.size} bytes")
+            actual = Digest(digest.algorithm, hasher.hexdigest())
+            if actual != digest:
+                raise FillFailed(f"upstream sent content with digest {actual} for {digest}")
+            await _run(_commit, data_path, self.blob_path(digest))
+            leader.state = {**leader.state, "state": "done", "size": total}
+            await _run(_write_state, lock_fd, leader.state)
+            if on_commit is not None:
+                await on_commit()
+        except (Exception, asyncio.CancelledError) as e:
+            if leader.state.get("state") != "failed":
+                log.error("fetch of %s failed: %s", digest, e)
+                leader.state = {**leader.state, "state": "failed", "error": str(e)}
+                await _run(_write_state, lock_fd, leader.state)
+            await _run(_unlink, data_path)
+        finally:
+            leader.started.set()
+            leader.notify()
+            if source is not None:
+                source.close()
+            if data_fd is not None:
+                os.close(data_fd)
+            self._leaders.pop(digest, None)
+            os.close(lock_fd)  # releases the flock: the next request may fetch again
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Let fetches in flight finish for up to ``timeout`` seconds, then cancel them (their
+        partial data is removed; nothing unverified is committed)."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _failure(state: dict[str, Any]) -> FillFailed:
+    cls = SourceMissing if state.get("missing") else FillFailed
+    return cls(state.get("error") or "fetch failed")
+
+
+def _append(fd: int, data: bytes, hasher: Any) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    hasher.update(data)
+
+
+def _commit(src: str, dst: str) -> None:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(src, dst)
+    fd = os.open(os.path.dirname(dst), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
