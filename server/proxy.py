@@ -198,7 +198,13 @@ class Proxy:
         limit = self.store.manifest_limit
 
         async def one(source: Source) -> tuple[bytes, str | None, str | None]:
+            started = time.monotonic()
             result = await source.upstream.get_manifest(source.repository, reference, limit)
+            self.stats["upstream_bytes"] += len(result[0])
+            log.info(
+                "upstream fetch %s manifest %s: %d bytes in %.2fs",
+                source, reference, len(result[0]), time.monotonic() - started,
+            )
             if is_digest_reference(reference):
                 digest = Digest.parse(reference)
                 actual = Digest.of(result[0], digest.algorithm)
