@@ -56,7 +56,9 @@ def _blob_headers(digest: Digest) -> dict[str, str]:
     }
 
 
-def _serve_file(request: web.Request, store: Store, digest: Digest, size: int) -> web.StreamResponse:
+def _serve_file(
+    request: web.Request, store: Store, digest: Digest, size: int
+) -> web.StreamResponse:
     _byte_range(request, size)  # refuse bad ranges with the OCI error body
     path = store.blob_local_path(digest)
     if path is None:
@@ -77,7 +79,12 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 
 async def _get_proxied(
-    request: web.Request, store: Store, name: str, digest: Digest, proxy: Proxy, sources: list[Source]
+    request: web.Request,
+    store: Store,
+    name: str,
+    digest: Digest,
+    proxy: Proxy,
+    sources: list[Source],
 ) -> web.StreamResponse:
     size = await store.blob_size(digest)
     if size is not None:
@@ -112,7 +119,9 @@ async def _get_proxied(
     return await _stream_fill(request, store, name, fill)
 
 
-async def _stream_fill(request: web.Request, store: Store, name: str, fill: Fill) -> web.StreamResponse:
+async def _stream_fill(
+    request: web.Request, store: Store, name: str, fill: Fill
+) -> web.StreamResponse:
     """Stream a blob while it is being fetched. If the fetch fails midway the connection is
     cut, so the client sees a short body rather than a wrong one."""
     headers = _blob_headers(fill.digest)
@@ -145,5 +154,3 @@ async def delete_blob(request: web.Request) -> web.StreamResponse:
     digest = Digest.parse(request.match_info["digest"])
     await store_of(request).delete_blob(name, digest)
     return web.Response(status=202, headers={"Docker-Content-Digest": str(digest)})
-
-

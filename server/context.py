@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from typing import TYPE_CHECKING
+
+from aiohttp import web
 
 from storage import Store
 

@@ -72,7 +72,11 @@ class _CountingBlob:
         finally:
             elapsed = time.monotonic() - self._started
             log.info(
-                "upstream fetch %s %s: %d bytes in %.2fs", self._source, self._digest, total, elapsed
+                "upstream fetch %s %s: %d bytes in %.2fs",
+                self._source,
+                self._digest,
+                total,
+                elapsed,
             )
 
     def close(self) -> None:
@@ -203,7 +207,10 @@ class Proxy:
             self.stats["upstream_bytes"] += len(result[0])
             log.info(
                 "upstream fetch %s manifest %s: %d bytes in %.2fs",
-                source, reference, len(result[0]), time.monotonic() - started,
+                source,
+                reference,
+                len(result[0]),
+                time.monotonic() - started,
             )
             if is_digest_reference(reference):
                 digest = Digest.parse(reference)

@@ -177,7 +177,7 @@ class UpstreamClient:
                 doc = await r.json(content_type=None)
                 if r.content_length is not None and r.content_length > _TOKEN_LIMIT:
                     raise UpstreamError(f"upstream {self.host}: token response too large")
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
             raise UpstreamUnavailable(f"upstream {self.host}: token service {realm}: {e}") from None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
@@ -235,7 +235,7 @@ class UpstreamClient:
                 hdrs["Authorization"] = authorization
             try:
                 response = await self._get_session().request(method, url, headers=hdrs)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, aiohttp.ClientError, OSError) as e:
                 if attempt < _MAX_ATTEMPTS:
                     await asyncio.sleep(0.2 * attempt)
                     continue
@@ -298,7 +298,7 @@ class UpstreamClient:
                         f"upstream {self.host}: manifest {reference} larger than {limit} bytes"
                     )
                 parts.append(chunk)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise UpstreamUnavailable(f"upstream {self.host}: reading manifest: {e}") from None
         finally:
             response.release()
@@ -329,4 +329,3 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
-

@@ -142,7 +142,7 @@ class Fill:
         if self._leader is not None:
             try:
                 await asyncio.wait_for(self._leader.changed.wait(), _LIVENESS_EVERY)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         else:
             await asyncio.sleep(_POLL)
@@ -249,7 +249,11 @@ class Fills:
             state = await _run(_read_state, self.lock_path(digest))
             if state and state.get("token") and state.get("state") == "fetching":
                 return Fill(self, digest, state, None)
-            if state and state.get("state") == "failed" and await _run(_held, self.lock_path(digest)):
+            if (
+                state
+                and state.get("state") == "failed"
+                and await _run(_held, self.lock_path(digest))
+            ):
                 raise _failure(state)
             if time.monotonic() > deadline:
                 raise FillFailed(f"timed out waiting for the fetch of {digest} to start")
@@ -292,7 +296,9 @@ class Fills:
                 leader.notify()
             await _run(os.fsync, data_fd)
             if source.size is not None and total != source.size:
-                raise FillFailed(f"upstream body of {digest} truncated: {total} of {source.size} bytes")
+                raise FillFailed(
+                    f"upstream body of {digest} truncated: {total} of {source.size} bytes"
+                )
             actual = Digest(digest.algorithm, hasher.hexdigest())
             if actual != digest:
                 raise FillFailed(f"upstream sent content with digest {actual} for {digest}")

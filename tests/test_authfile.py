@@ -24,7 +24,10 @@ def test_pull_secret_shapes(tmp_path: Path) -> None:
         tmp_path,
         {
             "auths": {
-                "quay.io": {"auth": b64("openshift-release-dev+ocm:TOKEN:with:colons"), "email": "x@y"},
+                "quay.io": {
+                    "auth": b64("openshift-release-dev+ocm:TOKEN:with:colons"),
+                    "email": "x@y",
+                },
                 "https://registry.redhat.io/v1/": {"auth": b64("rh:pw")},
                 "quay.io/special/repo": {"auth": b64("narrow:pw")},
                 "registry.local:8443": {"username": "u", "password": "p"},
@@ -45,7 +48,11 @@ def test_pull_secret_shapes(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "fragment"),
-    [("{not json", "not valid JSON"), ("[]", 'no "auths"'), ('{"auths": {"h": 1}}', "not an object")],
+    [
+        ("{not json", "not valid JSON"),
+        ("[]", 'no "auths"'),
+        ('{"auths": {"h": 1}}', "not an object"),
+    ],
 )
 def test_bad_authfiles(tmp_path: Path, content: str, fragment: str) -> None:
     p = tmp_path / "a.json"

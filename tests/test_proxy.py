@@ -39,7 +39,9 @@ class Upstream:
         self.url = str(self.server.make_url("")).rstrip("/")
 
     def blob_gets(self, digest: str) -> int:
-        return sum(n for (m, p), n in self.counts.items() if m == "GET" and p.endswith(f"/blobs/{digest}"))
+        return sum(
+            n for (m, p), n in self.counts.items() if m == "GET" and p.endswith(f"/blobs/{digest}")
+        )
 
 
 @pytest.fixture
@@ -51,11 +53,18 @@ async def upstream(tmp_path: Path):
 
 
 def proxy_config(tmp_path: Path, url: str, **upstream: object) -> Config:
-    up = UpstreamConfig(host="quay.io", url=url, namespace="quay.io", connect_timeout=2, read_timeout=5, **upstream)  # type: ignore[arg-type]
+    up = UpstreamConfig(
+        host="quay.io", url=url, namespace="quay.io", connect_timeout=2, read_timeout=5, **upstream
+    )  # type: ignore[arg-type]
     return Config(
         storage=StorageConfig(root=str(tmp_path / "cache")),
         upstreams={"quay.io": up},
-        mappings=[Mapping("openshift4/ocp4", [f"quay.io/{UP_REPO}", "quay.io/openshift-release-dev/ocp-release"])],
+        mappings=[
+            Mapping(
+                "openshift4/ocp4",
+                [f"quay.io/{UP_REPO}", "quay.io/openshift-release-dev/ocp-release"],
+            )
+        ],
     )
 
 
@@ -64,7 +73,9 @@ async def cache(aiohttp_client, tmp_path: Path, upstream: Upstream):  # type: ig
     return await aiohttp_client(make_app(proxy_config(tmp_path, upstream.url)))
 
 
-async def test_manifest_and_blobs_by_digest_then_offline(cache, upstream: Upstream, tmp_path: Path) -> None:
+async def test_manifest_and_blobs_by_digest_then_offline(
+    cache, upstream: Upstream, tmp_path: Path
+) -> None:
     d, body = await push_image(upstream.client, UP_REPO, seed=b"one", media_type=DOCKER_MANIFEST)
     r = await cache.get(f"/v2/{LOCAL}/manifests/{d}")
     assert r.status == 200
@@ -75,7 +86,9 @@ async def test_manifest_and_blobs_by_digest_then_offline(cache, upstream: Upstre
     assert r.status == 200 and await r.read() == b"layer-one"
     assert r.headers["Docker-Content-Digest"] == layer
     await upstream.client.close()  # the upstream is gone
-    fresh = await TestClient(TestServer(make_app(proxy_config(tmp_path, upstream.url)))).__aenter__()
+    fresh = await TestClient(
+        TestServer(make_app(proxy_config(tmp_path, upstream.url)))
+    ).__aenter__()
     try:
         r = await fresh.get(f"/v2/{LOCAL}/manifests/{d}")
         assert r.status == 200 and await r.read() == body
@@ -92,9 +105,11 @@ async def test_manifest_and_blobs_by_digest_then_offline(cache, upstream: Upstre
         await fresh.close()
 
 
-async def test_tag_ttl_revalidation_and_stale_fallback(aiohttp_client, tmp_path: Path, upstream: Upstream) -> None:
+async def test_tag_ttl_revalidation_and_stale_fallback(
+    aiohttp_client, tmp_path: Path, upstream: Upstream
+) -> None:
     cache = await aiohttp_client(make_app(proxy_config(tmp_path, upstream.url, tag_ttl=0.0)))
-    d1, b1 = await push_image(upstream.client, UP_REPO, "4.99", seed=b"v1")
+    _, b1 = await push_image(upstream.client, UP_REPO, "4.99", seed=b"v1")
     assert await (await cache.get(f"/v2/{LOCAL}/manifests/4.99")).read() == b1
     heads = upstream.counts[("HEAD", f"/v2/{UP_REPO}/manifests/4.99")]
     assert await (await cache.get(f"/v2/{LOCAL}/manifests/4.99")).read() == b1
@@ -143,7 +158,9 @@ async def test_head_uncached_blob_does_not_download(cache, upstream: Upstream) -
 
 
 async def test_mapping_tries_sources_in_order(cache, upstream: Upstream) -> None:
-    d, body = await push_image(upstream.client, "openshift-release-dev/ocp-release", "4.99.1-x86_64", seed=b"rel")
+    d, body = await push_image(
+        upstream.client, "openshift-release-dev/ocp-release", "4.99.1-x86_64", seed=b"rel"
+    )
     r = await cache.get(f"/v2/openshift4/ocp4/manifests/{d}")
     assert r.status == 200 and await r.read() == body
     r = await cache.get(f"/v2/openshift4/ocp4/blobs/{digest_of(b'layer-rel')}")
