@@ -3,15 +3,24 @@ monolithic POST, POST + PUT, chunked and streamed PATCH, status, cancel, cross-r
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 from aiohttp import web
 
 from storage import Digest, Store, UploadUnknown, validate_name
+from storage.uploads import WRITE_BATCH
 
 from .context import store_of
 from .errors import OCIError
 from .http import content_range, digest_param
 
 __all__ = ["post_upload", "patch_upload", "put_upload", "get_upload", "delete_upload"]
+
+
+def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body in pieces as they arrive (never ``async for`` over the reader
+    itself: that splits at newlines)."""
+    return request.content.iter_chunked(WRITE_BATCH)
 
 
 def _upload_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
@@ -62,7 +71,7 @@ async def post_upload(request: web.Request) -> web.StreamResponse:
         digest = digest_param(query["digest"])
         _, length = _body_length(request)
         try:
-            await store.uploads.finish(name, upload_id, digest, request.content, length=length)
+            await store.uploads.finish(name, upload_id, digest, _body(request), length=length)
         except BaseException:
             await _discard(store, name, upload_id)
             raise
@@ -81,7 +90,7 @@ async def patch_upload(request: web.Request) -> web.StreamResponse:
     name, upload_id = request.match_info["name"], request.match_info.get("upload") or ""
     start, length = _body_length(request)
     size = await store_of(request).uploads.append(
-        name, upload_id, request.content, start=start, length=length
+        name, upload_id, _body(request), start=start, length=length
     )
     return web.Response(status=202, headers=_upload_headers(name, upload_id, size))
 
@@ -92,7 +101,7 @@ async def put_upload(request: web.Request) -> web.StreamResponse:
     start, length = _body_length(request)
     has_body = request.body_exists and length != 0
     await store_of(request).uploads.finish(
-        name, upload_id, digest, request.content if has_body else None, start=start, length=length
+        name, upload_id, digest, _body(request) if has_body else None, start=start, length=length
     )
     return _created(name, digest)
 

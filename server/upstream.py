@@ -142,7 +142,11 @@ class UpstreamClient:
                 self._credentials = load_authfile(self.config.authfile)
             except AuthFileError as e:
                 raise UpstreamAuthError(f"upstream {self.host}: {e}") from None
-        return lookup(self._credentials, self.host, repository)
+        found = lookup(self._credentials, self.host, repository)
+        if found is None:  # an upstream reached under another name: its own entry
+            netloc = self.config.url.split("://", 1)[-1].split("/", 1)[0]
+            found = lookup(self._credentials, netloc, repository)
+        return found
 
     # ---- auth --------------------------------------------------------------------------------
 

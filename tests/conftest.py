@@ -13,6 +13,9 @@ from server.app import make_app
 from server.config import Config, StorageConfig
 from storage import FilesystemDriver, Store
 
+# the upstream harness's fixtures (token_service, distribution_upstream, lying_upstream, ...)
+pytest_plugins = ["tests.upstream"]
+
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()

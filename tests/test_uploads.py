@@ -4,6 +4,7 @@ status, cancel, cross-repository mount, digest and size verification."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 from .oci import digest_of, error_code, push_blob
@@ -181,3 +182,17 @@ async def test_session_resumes_in_another_process_state(client, config) -> None:
     assert r.status == 201  # this process's running hash was stale: it re-hashed from disk
     body = await (await client.get(f"/v2/up/blobs/{digest_of(BLOB)}")).read()
     assert hashlib.sha256(body).hexdigest() == digest_of(BLOB).split(":")[1]
+
+
+async def test_bodies_without_newlines(client) -> None:
+    """Bodies are read in pieces, never line by line (a long run without b"\\n" is fine)."""
+    zeros = bytes(3 * 1024 * 1024)
+    d = digest_of(zeros)
+    r = await client.post("/v2/up/blobs/uploads/", params={"digest": d}, data=io.BytesIO(zeros))
+    assert r.status == 201
+    loc = await start(client)
+    r = await client.patch(loc, data=io.BytesIO(zeros), headers={"Content-Range": f"0-{len(zeros) - 1}"})
+    assert r.status == 202
+    r = await client.put(loc, params={"digest": d}, data=io.BytesIO(b""))
+    assert r.status == 201
+    assert await (await client.get(f"/v2/up/blobs/{d}")).read() == zeros

@@ -224,6 +224,47 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
 
 
+def start_registry(base: Path, config_text: str, workers: int = 2) -> RegistryServer:
+    """Start ``bastion serve`` with ``config_text`` under ``base``; stop it with
+    ``stop_registry``."""
+    base.mkdir(parents=True, exist_ok=True)
+    config = base / "config.yaml"
+    config.write_text(config_text)
+    addr = f"127.0.0.1:{_free_port()}"
+    log = base / "serve.log"
+    argv = [
+        *_bastion_command(),
+        "serve",
+        "--config",
+        str(config),
+        "--root",
+        str(base / "root"),
+        "--listen",
+        addr,
+        "--workers",
+        str(workers),
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    server = RegistryServer(addr, base / "root", log, proc)
+    try:
+        _wait_until_serving(server)
+    except BaseException:
+        _stop(proc)
+        raise
+    return server
+
+
+def stop_registry(server: RegistryServer) -> None:
+    _stop(server.proc)
+
+
 @pytest.fixture(scope="session")
 def registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
     """``bastion serve --workers 2`` on a free 127.0.0.1 port with a fresh root."""
