@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .app import make_app
 from .config import Config, parse_listen
+from .loop import new_event_loop
 
 __all__ = ["serve", "ServeError"]
 
@@ -80,12 +81,8 @@ def _worker_main(config: Config, host: str, port: int, ssl_ctx: ssl.SSLContext |
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     sock = _bind(host, port)
     sock.listen(1024)
-    try:
-        import uvloop
-
-        uvloop.run(_run_worker(config, sock, ssl_ctx))
-    except ImportError:  # pragma: no cover - uvloop is a dependency; keep serving without it
-        asyncio.run(_run_worker(config, sock, ssl_ctx))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_run_worker(config, sock, ssl_ctx))
 
 
 def serve(config: Config) -> None:

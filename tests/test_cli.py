@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -103,8 +104,6 @@ def test_serve_workers_and_clean_stop(tmp_path: Path) -> None:
         assert len(children) == 2
         # a blob pushed through one connection is visible to every later request (any worker)
         body = b"shared across workers"
-        import hashlib
-
         d = "sha256:" + hashlib.sha256(body).hexdigest()
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v2/w/blobs/uploads/?digest={d}", data=body, method="POST"
@@ -113,6 +112,23 @@ def test_serve_workers_and_clean_stop(tmp_path: Path) -> None:
         for _ in range(20):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/w/blobs/{d}", timeout=5) as r:
                 assert r.read() == body
+        # a large blob goes out through sendfile(2) on the workers' loop: whole, by range,
+        # and after a client that hung up midway
+        big = os.urandom(24 * 1024 * 1024)
+        bd = "sha256:" + hashlib.sha256(big).hexdigest()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v2/w/blobs/uploads/?digest={bd}", data=big, method="POST"
+        )
+        assert urllib.request.urlopen(req, timeout=30).status == 201
+        url = f"http://127.0.0.1:{port}/v2/w/blobs/{bd}"
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(f"GET /v2/w/blobs/{bd} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            s.recv(65536)  # then hang up with most of the body unsent
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.read() == big
+        ranged = urllib.request.Request(url, headers={"Range": "bytes=1000000-9999999"})
+        with urllib.request.urlopen(ranged, timeout=30) as r:
+            assert r.status == 206 and r.read() == big[1000000:10000000]
     finally:
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=20)

@@ -191,7 +191,9 @@ async def test_bodies_without_newlines(client) -> None:
     r = await client.post("/v2/up/blobs/uploads/", params={"digest": d}, data=io.BytesIO(zeros))
     assert r.status == 201
     loc = await start(client)
-    r = await client.patch(loc, data=io.BytesIO(zeros), headers={"Content-Range": f"0-{len(zeros) - 1}"})
+    r = await client.patch(
+        loc, data=io.BytesIO(zeros), headers={"Content-Range": f"0-{len(zeros) - 1}"}
+    )
     assert r.status == 202
     r = await client.put(loc, params={"digest": d}, data=io.BytesIO(b""))
     assert r.status == 201
