@@ -126,11 +126,15 @@ class Client:
         u = urlsplit(urljoin(self.base + "/", location))
         return u.path + (f"?{u.query}" if u.query else "")
 
-    def _fail(self, what: str, resp: http.client.HTTPResponse | None, detail: str = "") -> BenchError:
+    def _fail(
+        self, what: str, resp: http.client.HTTPResponse | None, detail: str = ""
+    ) -> BenchError:
         if resp is None:
             return BenchError(f"{self.label}: {what}: {detail}")
         body = resp.read(600).decode(errors="replace").strip()
-        return BenchError(f"{self.label}: {what}: HTTP {resp.status} {resp.reason} {body} {detail}".rstrip())
+        return BenchError(
+            f"{self.label}: {what}: HTTP {resp.status} {resp.reason} {body} {detail}".rstrip()
+        )
 
     def _send(
         self,
@@ -167,8 +171,12 @@ class Client:
                 try:
                     resp = conn.getresponse()
                 except (OSError, http.client.HTTPException):
-                    raise BenchError(f"{self.label}: {method} {target}: connection lost while sending: {e}") from None
-                raise self._fail(f"{method} {target} (answered before the body was sent)", resp) from None
+                    raise BenchError(
+                        f"{self.label}: {method} {target}: connection lost while sending: {e}"
+                    ) from None
+                raise self._fail(
+                    f"{method} {target} (answered before the body was sent)", resp
+                ) from None
         return conn.getresponse()
 
     def _start_upload(self, conn: http.client.HTTPConnection) -> str:
@@ -179,7 +187,10 @@ class Client:
         return self._target(resp.getheader("Location", ""))
 
     def _finish_upload(
-        self, conn: http.client.HTTPConnection, target: str, digest: str,
+        self,
+        conn: http.client.HTTPConnection,
+        target: str,
+        digest: str,
         body: tuple[Blob, bytes, int, int] | None,
     ) -> None:
         sep = "&" if "?" in target else "?"
@@ -190,7 +201,9 @@ class Client:
         got = resp.getheader("Docker-Content-Digest")
         resp.read()
         if got is not None and got != digest:
-            raise BenchError(f"{self.label}: PUT answered Docker-Content-Digest {got}, pushed {digest}")
+            raise BenchError(
+                f"{self.label}: PUT answered Docker-Content-Digest {got}, pushed {digest}"
+            )
 
     def push_mono(self, blob: Blob, suffix: bytes, digest: str, chunk: int) -> None:
         conn = self._conn()
@@ -212,11 +225,15 @@ class Client:
                 }
                 resp = self._send(conn, "PATCH", target, headers, (blob, suffix, start, n))
                 if resp.status != 202 or not resp.getheader("Location"):
-                    raise self._fail(f"PATCH {start}-{start + n - 1}", resp, "(expected 202 with Location)")
+                    raise self._fail(
+                        f"PATCH {start}-{start + n - 1}", resp, "(expected 202 with Location)"
+                    )
                 rng = resp.getheader("Range")
                 resp.read()
                 if rng != f"0-{start + n - 1}":
-                    raise BenchError(f"{self.label}: PATCH {start}-{start + n - 1} answered Range {rng!r}")
+                    raise BenchError(
+                        f"{self.label}: PATCH {start}-{start + n - 1} answered Range {rng!r}"
+                    )
                 target = self._target(resp.getheader("Location", ""))
             self._finish_upload(conn, target, digest, None)
         finally:
@@ -227,13 +244,17 @@ class Client:
         conn = self._conn()
         h = hashlib.sha256() if verify else None
         try:
-            conn.request("GET", f"/v2/{REPO}/blobs/{digest}", headers={"Accept-Encoding": "identity"})
+            conn.request(
+                "GET", f"/v2/{REPO}/blobs/{digest}", headers={"Accept-Encoding": "identity"}
+            )
             resp = conn.getresponse()
             if resp.status != 200:
                 raise self._fail(f"GET /blobs/{digest}", resp, "(expected 200)")
             length = resp.getheader("Content-Length")
             if length is not None and int(length) != size:
-                raise BenchError(f"{self.label}: GET answered Content-Length {length}, blob has {size}")
+                raise BenchError(
+                    f"{self.label}: GET answered Content-Length {length}, blob has {size}"
+                )
             buf = bytearray(IO_BUF)
             view = memoryview(buf)
             total = 0
@@ -249,7 +270,9 @@ class Client:
             if total != size:
                 raise BenchError(f"{self.label}: GET returned {total} bytes, blob has {size}")
             if h is not None and f"sha256:{h.hexdigest()}" != digest:
-                raise BenchError(f"{self.label}: GET returned content with sha256:{h.hexdigest()}, pushed {digest}")
+                raise BenchError(
+                    f"{self.label}: GET returned content with sha256:{h.hexdigest()}, pushed {digest}"
+                )
         finally:
             conn.close()
 
@@ -299,7 +322,11 @@ def timed_op(server: Server, stats: OpStats, what: str, func: Any, *args: Any) -
             ok = True
         except (BenchError, OSError, http.client.HTTPException) as e:
             ok = False
-            err = str(e) if isinstance(e, BenchError) else f"{server.label}: {what}: {type(e).__name__}: {e}"
+            err = (
+                str(e)
+                if isinstance(e, BenchError)
+                else f"{server.label}: {what}: {type(e).__name__}: {e}"
+            )
         elapsed = time.perf_counter() - t0
     try:
         if isinstance(server, BastionServer):
@@ -348,7 +375,9 @@ def run_size(
                         c = clients[s.name]
                         func = c.push_mono if op == "push-mono" else c.push_chunked
                         what = f"[{fmt_size(size)}] {s.name} {op} round {r + 1}"
-                        if timed_op(s, run.stats(s.name, op), what, func, blob, suffix, digest, chunk):
+                        if timed_op(
+                            s, run.stats(s.name, op), what, func, blob, suffix, digest, chunk
+                        ):
                             pushed[(s.name, op)] = digest
             # Untimed: pull the last blob of each push method and compare its sha256.
             for s in servers:
@@ -365,9 +394,13 @@ def run_size(
             for r in range(rounds):
                 order = servers if r % 2 == 0 else servers[::-1]
                 for s in order:
-                    digest = pushed.get((s.name, "push-mono")) or pushed.get((s.name, "push-chunked"), "")
+                    digest = pushed.get((s.name, "push-mono")) or pushed.get(
+                        (s.name, "push-chunked"), ""
+                    )
                     if not digest:
-                        run.stats(s.name, "pull").errors.append(f"{s.label}: no pushed blob to pull")
+                        run.stats(s.name, "pull").errors.append(
+                            f"{s.label}: no pushed blob to pull"
+                        )
                         continue
                     what = f"[{fmt_size(size)}] {s.name} pull round {r + 1}"
                     timed_op(s, run.stats(s.name, "pull"), what, clients[s.name].pull, digest, size)
@@ -377,7 +410,9 @@ def run_size(
                 code = s.proc.returncode if s.proc else None
                 log(f"  {s.label} stopped, exit status {code}")
                 if code not in (0, -15, 130, 143, 2):  # distribution exits 2 on SIGTERM
-                    run.errors.append(f"{s.label}: exit status {code} on SIGTERM; log tail:\n{s.log_tail()}")
+                    run.errors.append(
+                        f"{s.label}: exit status {code} on SIGTERM; log tail:\n{s.log_tail()}"
+                    )
     finally:
         blob.path.unlink(missing_ok=True)
         for name in ("bastion", "distribution"):
@@ -393,8 +428,23 @@ def mib(kib: int | None) -> str:
 
 
 def report(runs: list[SizeRun], rounds: int, chunk: int, workers: int, dist_label: str) -> str:
-    header = [["blob", "operation", "time s", "MB/s", "cpu s", "wkr MiB", "par MiB",
-               "time s", "MB/s", "cpu s", "RSS MiB", "time", "RSS"]]
+    header = [
+        [
+            "blob",
+            "operation",
+            "time s",
+            "MB/s",
+            "cpu s",
+            "wkr MiB",
+            "par MiB",
+            "time s",
+            "MB/s",
+            "cpu s",
+            "RSS MiB",
+            "time",
+            "RSS",
+        ]
+    ]
     groups = [(2, f"bastion --workers {workers}"), (7, dist_label), (11, "bastion/distr.")]
     op_names = {
         "push-mono": "push POST+PUT",
@@ -406,28 +456,65 @@ def report(runs: list[SizeRun], rounds: int, chunk: int, workers: int, dist_labe
         size = fmt_size(run.size).replace(" ", "")
         b_idle, d_idle = run.idle.get("bastion", {}), run.idle.get("distribution", {})
         b_idle_total = b_idle.get("worker", 0) + b_idle.get("parent", 0)
-        rows.append([size, "idle RSS at start", "", "", "", mib(b_idle.get("worker")),
-                     mib(b_idle.get("parent")), "", "", "", mib(d_idle.get("process")), "",
-                     fmt_ratio(b_idle_total / d_idle["process"]) if d_idle.get("process") else "-"])
+        rows.append(
+            [
+                size,
+                "idle RSS at start",
+                "",
+                "",
+                "",
+                mib(b_idle.get("worker")),
+                mib(b_idle.get("parent")),
+                "",
+                "",
+                "",
+                mib(d_idle.get("process")),
+                "",
+                fmt_ratio(b_idle_total / d_idle["process"]) if d_idle.get("process") else "-",
+            ]
+        )
         for op in OPS:
             b, d = run.stats("bastion", op), run.stats("distribution", op)
             bt, dt = median(b.times), median(d.times)
             bw, bp, dp = b.peak("worker"), b.peak("parent"), d.peak("process")
             rss_ratio = (bw + bp) / dp if bw is not None and bp is not None and dp else None
-            rows.append([
-                size, op_names[op],
-                fmt_num(bt) + ("!" if b.errors else ""),
-                fmt_num(run.size / bt / 1e6, 0) if bt else "-",
-                fmt_num(b.cpu()), mib(bw), mib(bp),
-                fmt_num(dt) + ("!" if d.errors else ""),
-                fmt_num(run.size / dt / 1e6, 0) if dt else "-",
-                fmt_num(d.cpu()), mib(dp),
-                fmt_ratio(paired_ratio(b.times, d.times)) if len(b.times) == len(d.times) else "-",
-                fmt_ratio(rss_ratio),
-            ])
+            rows.append(
+                [
+                    size,
+                    op_names[op],
+                    fmt_num(bt) + ("!" if b.errors else ""),
+                    fmt_num(run.size / bt / 1e6, 0) if bt else "-",
+                    fmt_num(b.cpu()),
+                    mib(bw),
+                    mib(bp),
+                    fmt_num(dt) + ("!" if d.errors else ""),
+                    fmt_num(run.size / dt / 1e6, 0) if dt else "-",
+                    fmt_num(d.cpu()),
+                    mib(dp),
+                    fmt_ratio(paired_ratio(b.times, d.times))
+                    if len(b.times) == len(d.times)
+                    else "-",
+                    fmt_ratio(rss_ratio),
+                ]
+            )
         b_after, d_after = run.after.get("bastion", {}), run.after.get("distribution", {})
-        rows.append([size, "idle RSS at end", "", "", "", mib(b_after.get("worker")),
-                     mib(b_after.get("parent")), "", "", "", mib(d_after.get("process")), "", ""])
+        rows.append(
+            [
+                size,
+                "idle RSS at end",
+                "",
+                "",
+                "",
+                mib(b_after.get("worker")),
+                mib(b_after.get("parent")),
+                "",
+                "",
+                "",
+                mib(d_after.get("process")),
+                "",
+                "",
+            ]
+        )
     table = render_table(header, rows, left=2, separators=(2, 7, 11), groups=groups)
 
     notes = [
@@ -443,15 +530,19 @@ def report(runs: list[SizeRun], rounds: int, chunk: int, workers: int, dist_labe
         "server's copy path, not the disk.",
     ]
     if not hwm_reset_supported():
-        notes.append("NOTE: VmHWM could not be reset here; peaks are since server start, not per operation.")
+        notes.append(
+            "NOTE: VmHWM could not be reset here; peaks are since server start, not per operation."
+        )
     if len(runs) >= 2:
         small, big = runs[0], runs[-1]
 
         def top(run: SizeRun, server: str, role: str) -> int:
             return max((run.stats(server, op).peak(role) or 0) for op in OPS)
 
-        for server, role, what in (("bastion", "worker", "bastion worker"),
-                                   ("distribution", "process", "distribution")):
+        for server, role, what in (
+            ("bastion", "worker", "bastion worker"),
+            ("distribution", "process", "distribution"),
+        ):
             a, z = top(small, server, role), top(big, server, role)
             if a and z:
                 notes.append(
@@ -464,7 +555,10 @@ def report(runs: list[SizeRun], rounds: int, chunk: int, workers: int, dist_labe
             ok = run.verified.get(server, [])
             notes.append(
                 f"verified {fmt_size(run.size)} {server}: "
-                + (", ".join(f"{op} blob pulled back, sha256 matches" for op in ok) or "NOTHING VERIFIED")
+                + (
+                    ", ".join(f"{op} blob pulled back, sha256 matches" for op in ok)
+                    or "NOTHING VERIFIED"
+                )
             )
     errors = [e for run in runs for st in run.ops.values() for e in st.errors]
     errors += [e for run in runs for e in run.errors]
@@ -476,21 +570,32 @@ def report(runs: list[SizeRun], rounds: int, chunk: int, workers: int, dist_labe
             if e not in seen:
                 seen.add(e)
                 notes.append("  " + e.replace("\n", "\n    "))
-    notes.append(f"client peak RSS: {own_peak_rss_kib() / 1024:.0f} MiB (streams; never holds a blob)")
+    notes.append(
+        f"client peak RSS: {own_peak_rss_kib() / 1024:.0f} MiB (streams; never holds a blob)"
+    )
     return table + "\n" + "\n".join(notes)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--rounds", type=int, default=3, help="rounds per operation (default 3)")
-    p.add_argument("--sizes", default="256MiB,1GiB",
-                   help="comma-separated blob sizes, smallest first (default 256MiB,1GiB)")
+    p.add_argument(
+        "--sizes",
+        default="256MiB,1GiB",
+        help="comma-separated blob sizes, smallest first (default 256MiB,1GiB)",
+    )
     p.add_argument("--chunk", default="64MiB", help="PATCH chunk size (default 64MiB)")
     p.add_argument("--workers", type=int, default=1, help="bastion --workers (default 1)")
     p.add_argument("--seed", type=int, default=1, help="seed of the test content (default 1)")
-    p.add_argument("--content", choices=("random", "zeros"), default="random",
-                   help="test content: seeded random bytes (default) or zero bytes")
-    p.add_argument("--tmp", default="/tmp", help="where the temporary directory goes (default /tmp)")
+    p.add_argument(
+        "--content",
+        choices=("random", "zeros"),
+        default="random",
+        help="test content: seeded random bytes (default) or zero bytes",
+    )
+    p.add_argument(
+        "--tmp", default="/tmp", help="where the temporary directory goes (default /tmp)"
+    )
     args = p.parse_args(argv)
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -512,17 +617,33 @@ def main(argv: list[str] | None = None) -> int:
     need = max(sizes) * (1 + 2 * 2 * args.rounds) * 1.1
     free = shutil.disk_usage(args.tmp).free
     if free < need:
-        print(f"blob_rss: {args.tmp} has {free / GiB:.1f} GiB free, needs about {need / GiB:.1f}",
-              file=sys.stderr)
+        print(
+            f"blob_rss: {args.tmp} has {free / GiB:.1f} GiB free, needs about {need / GiB:.1f}",
+            file=sys.stderr,
+        )
         return 1
     with tmpdir(prefix="bastion-bench-blob-", base=args.tmp) as tmp:
         for size in sizes:
-            runs.append(run_size(tmp, size, args.rounds, chunk, args.seed, args.workers, args.content))
+            runs.append(
+                run_size(tmp, size, args.rounds, chunk, args.seed, args.workers, args.content)
+            )
     print()
-    print(f"blob push/pull, {fmt_size(sizes[0])}..{fmt_size(sizes[-1])}, {args.content} content, "
-          f"{os.cpu_count()} CPUs, {time.monotonic() - t0:.0f} s total")
-    print(report(runs, args.rounds, chunk, args.workers, runs[-1].labels.get("distribution", "distribution")))
-    failed = any(st.errors for run in runs for st in run.ops.values()) or any(r.errors for r in runs)
+    print(
+        f"blob push/pull, {fmt_size(sizes[0])}..{fmt_size(sizes[-1])}, {args.content} content, "
+        f"{os.cpu_count()} CPUs, {time.monotonic() - t0:.0f} s total"
+    )
+    print(
+        report(
+            runs,
+            args.rounds,
+            chunk,
+            args.workers,
+            runs[-1].labels.get("distribution", "distribution"),
+        )
+    )
+    failed = any(st.errors for run in runs for st in run.ops.values()) or any(
+        r.errors for r in runs
+    )
     return 1 if failed else 0
 
 

@@ -86,7 +86,7 @@ def parse_size(text: str) -> int:
     """``"64MiB"``, ``"1GiB"``, ``"256m"``, ``"4096"`` -> bytes (binary units only)."""
     t = text.strip().lower()
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if not num or unit not in _UNITS:
         raise ValueError(f"not a size: {text!r} (use e.g. 64MiB, 1GiB)")
     return int(float(num) * _UNITS[unit])
@@ -355,7 +355,9 @@ class Server(ProcessGroup):
             self.check_alive()
             if time.monotonic() > deadline:
                 self.stop()
-                raise BenchError(f"{self.label} not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+                raise BenchError(
+                    f"{self.label} not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}"
+                )
             time.sleep(0.05)
         return self
 
@@ -387,8 +389,13 @@ class BastionServer(Server):
 
     name = "bastion"
 
-    def __init__(self, workdir: Path, port: int | None = None, workers: int = 1,
-                 extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        workers: int = 1,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         super().__init__(workdir, port)
         self.workers = workers
         self.extra_args = list(extra_args)
@@ -398,10 +405,14 @@ class BastionServer(Server):
 
     def command(self) -> list[str]:
         return [
-            bastion_executable(), "serve",
-            "--root", str(self.root),
-            "--listen", f"{self.host}:{self.port}",
-            "--workers", str(self.workers),
+            bastion_executable(),
+            "serve",
+            "--root",
+            str(self.root),
+            "--listen",
+            f"{self.host}:{self.port}",
+            "--workers",
+            str(self.workers),
             *self.extra_args,
         ]
 
@@ -411,7 +422,9 @@ class BastionServer(Server):
         while len(children(self.pid)) < self.workers:
             self.check_alive()
             if time.monotonic() > deadline:
-                raise BenchError(f"{self.label}: only {children(self.pid)} workers after {timeout:.0f}s")
+                raise BenchError(
+                    f"{self.label}: only {children(self.pid)} workers after {timeout:.0f}s"
+                )
             time.sleep(0.05)
         self.worker_pids = children(self.pid)
         return self
@@ -458,7 +471,9 @@ class DistributionServer(Server):
 
     name = "distribution"
 
-    def __init__(self, workdir: Path, port: int | None = None, binary: str = "docker-registry") -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, binary: str = "docker-registry"
+    ) -> None:
         super().__init__(workdir, port)
         self.binary = require(binary)
         self.root = self.workdir / "root"
@@ -467,7 +482,9 @@ class DistributionServer(Server):
 
     def version(self) -> str:
         try:
-            out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                [self.binary, "--version"], capture_output=True, text=True, timeout=10
+            )
             return out.stdout.split()[-1].split("+")[0]
         except (OSError, IndexError, subprocess.SubprocessError):
             return "?"
@@ -517,6 +534,7 @@ def render_table(
     over its first column and spanning up to the next group. ``None`` cells print as ``-``; a
     row that is a 1-tuple of one string is printed as is (a section title or a blank line).
     """
+
     def cells(r: Sequence[Any]) -> list[str]:
         return ["-" if c is None else str(c) for c in r]
 
@@ -552,7 +570,7 @@ def render_table(
             pos = starts[i] - 2
             g = g.ljust(pos + 1)
             if g[pos] == " ":
-                g = g[:pos] + "|" + g[pos + 1:]
+                g = g[:pos] + "|" + g[pos + 1 :]
         lines.insert(0, g.rstrip())
     rule = "-" * max(len(x) for x in lines)
     lines.append(rule)

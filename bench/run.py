@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough: list[str] = []
     if "--" in argv:
         i = argv.index("--")
-        argv, passthrough = argv[:i], argv[i + 1:]
+        argv, passthrough = argv[:i], argv[i + 1 :]
     p = argparse.ArgumentParser(description="Run the benchmarks in bench/.")
     p.add_argument("--rounds", type=int, help="rounds per measurement, passed to every benchmark")
     p.add_argument("--only", help="comma-separated benchmark names (default: all)")
