@@ -7,11 +7,15 @@ problem (one line naming it). No traceback reaches the user.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
 from typing import NoReturn
 
-from .config import ConfigError, load_config
+from storage import StoreError, validate_name
+
+from .config import Config, ConfigError, load_config
 from .serve import ServeError, serve
 
 __all__ = ["main"]
@@ -40,7 +44,90 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen", metavar="HOST:PORT", help="address to listen on (default 0.0.0.0:5000)"
     )
     s.add_argument("--workers", metavar="N", type=int, help="worker processes (0: one per CPU)")
+
+    m = sub.add_parser("mirror", help="copy images from upstream registries into the store")
+    msub = m.add_subparsers(dest="mirror_command", metavar="WHAT", parser_class=_Parser)
+    msub.required = True
+    r = msub.add_parser("release", help="a whole OpenShift release and its components")
+    r.add_argument(
+        "source",
+        metavar="SOURCE_REF",
+        help="e.g. quay.io/openshift-release-dev/ocp-release:4.15.0-x86_64",
+    )
+    _mirror_options(r)
+    r.add_argument(
+        "--signatures-from",
+        metavar="URL_OR_DIR",
+        help="signature store with sha256=<hex>/signature-N",
+    )
+    i = msub.add_parser("image", help="any other images (operators, additional images)")
+    i.add_argument("sources", metavar="SOURCE_REF", nargs="*")
+    i.add_argument("--from-file", metavar="LIST", help="a file with one image reference per line")
+    _mirror_options(i)
     return parser
+
+
+def _mirror_options(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--to", metavar="LOCAL_REPO", help="put everything in this one repository")
+    p.add_argument("--authfile", metavar="FILE", help="pull secret / auth.json for the upstreams")
+    p.add_argument("--out-dir", metavar="DIR", help="write the mirror configuration files here")
+    p.add_argument(
+        "--mirror-host", metavar="HOST:PORT", help="how the cluster reaches this registry"
+    )
+    p.add_argument(
+        "--mirror-insecure",
+        action="store_true",
+        help="mark the mirror insecure (plain HTTP) in registries.conf",
+    )
+    p.add_argument(
+        "--concurrency", metavar="N", type=int, default=8, help="blobs fetched at once (default 8)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would be fetched and its size")
+
+
+def _run_mirror(args: argparse.Namespace, config: Config) -> int:
+    from .mirror_commands import (
+        CommandError,
+        MirrorOptions,
+        mirror_images,
+        mirror_release,
+        read_list,
+    )
+
+    if args.authfile and not os.path.isfile(os.path.expanduser(args.authfile)):
+        raise ConfigError(f"authfile {args.authfile} not found")
+    if args.to is not None:
+        try:
+            validate_name(args.to)
+        except StoreError as e:
+            raise ConfigError(f"--to: {e}") from None
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    options = MirrorOptions(
+        to=args.to,
+        authfile=args.authfile,
+        out_dir=args.out_dir,
+        mirror_host=args.mirror_host,
+        concurrency=args.concurrency,
+        dry_run=args.dry_run,
+        signatures_from=getattr(args, "signatures_from", None),
+        insecure=args.mirror_insecure,
+    )
+    try:
+        if args.mirror_command == "release":
+            return asyncio.run(mirror_release(config, args.source, options))
+        sources = list(args.sources)
+        if args.from_file:
+            if not os.path.isfile(args.from_file):
+                raise ConfigError(f"--from-file {args.from_file} not found")
+            sources += read_list(args.from_file)
+        if not sources:
+            raise ConfigError("give at least one SOURCE_REF or --from-file")
+        return asyncio.run(mirror_images(config, sources, options))
+    except CommandError as e:
+        print(f"bastion: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             serve(config)
+        elif args.command == "mirror":
+            return _run_mirror(args, config)
     except (ServeError, ConfigError) as e:
         print(f"bastion: {e}", file=sys.stderr)
         return 1 if isinstance(e, ServeError) else 2

@@ -154,6 +154,30 @@ class Fill:
             # already committed (renamed into the pool), or failed and removed
             return os.open(self._fills.blob_path(self.digest), os.O_RDONLY)
 
+    async def wait(self) -> int:
+        """Wait until the blob is committed; its size. Raises ``FillFailed`` if it is not."""
+        idle_since = time.monotonic()
+        while True:
+            if self._leader is not None:
+                changed = self._leader.changed
+            state = self._state() or {}
+            if state.get("state") == "done":
+                return int(state.get("size") or 0)
+            if state.get("state") == "failed":
+                raise _failure(state)
+            if self._leader is not None:
+                await changed.wait()
+                continue
+            if time.monotonic() - idle_since > _LIVENESS_EVERY:
+                if not await _run(_held, self._fills.lock_path(self.digest)):
+                    if await _run(self._fills.blob_path_exists, self.digest):
+                        return int(
+                            (await _run(os.stat, self._fills.blob_path(self.digest))).st_size
+                        )
+                    raise FillFailed(f"fetch of {self.digest} was interrupted")
+                idle_since = time.monotonic()
+            await asyncio.sleep(_POLL * 2.5)
+
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``[start, end)`` as they arrive. Raises ``FillFailed`` if the fetch fails
         before they all arrived."""
@@ -240,6 +264,7 @@ class Fills:
                     os.close(fd)
                     return None
                 await _run(_write_state, fd, {})
+                await _run(self._remove_stale, digest)
                 leader = _Leader()
                 self._leaders[digest] = leader
                 task = asyncio.ensure_future(self._lead(digest, fetch, fd, leader, on_commit))
@@ -258,6 +283,14 @@ class Fills:
             if time.monotonic() > deadline:
                 raise FillFailed(f"timed out waiting for the fetch of {digest} to start")
             await asyncio.sleep(_POLL)
+
+    def _remove_stale(self, digest: Digest) -> None:
+        """Data files left by a leader that died (only the lock holder calls this)."""
+        directory = os.path.dirname(self.lock_path(digest))
+        prefix = f"{digest.hex}."
+        for entry in os.listdir(directory):
+            if entry.startswith(prefix) and not entry.endswith(".lock"):
+                _unlink(os.path.join(directory, entry))
 
     async def _lead(
         self,

@@ -224,13 +224,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(timeout=5)
 
 
-def start_registry(base: Path, config_text: str, workers: int = 2) -> RegistryServer:
+def start_registry(
+    base: Path,
+    config_text: str,
+    workers: int = 2,
+    addr: str | None = None,
+    root: Path | None = None,
+) -> RegistryServer:
     """Start ``bastion serve`` with ``config_text`` under ``base``; stop it with
     ``stop_registry``."""
     base.mkdir(parents=True, exist_ok=True)
     config = base / "config.yaml"
     config.write_text(config_text)
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = addr or f"127.0.0.1:{_free_port()}"
+    root = root or base / "root"
     log = base / "serve.log"
     argv = [
         *_bastion_command(),
@@ -238,7 +245,7 @@ def start_registry(base: Path, config_text: str, workers: int = 2) -> RegistrySe
         "--config",
         str(config),
         "--root",
-        str(base / "root"),
+        str(root),
         "--listen",
         addr,
         "--workers",
@@ -252,13 +259,21 @@ def start_registry(base: Path, config_text: str, workers: int = 2) -> RegistrySe
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    server = RegistryServer(addr, base / "root", log, proc)
+    server = RegistryServer(addr, root, log, proc)
     try:
         _wait_until_serving(server)
     except BaseException:
         _stop(proc)
         raise
     return server
+
+
+def free_addr() -> str:
+    return f"127.0.0.1:{_free_port()}"
+
+
+def bastion_command() -> list[str]:
+    return _bastion_command()
 
 
 def stop_registry(server: RegistryServer) -> None:

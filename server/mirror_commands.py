@@ -1,0 +1,256 @@
+"""``bastion mirror release`` and ``bastion mirror image``: what they mirror where, and what
+they print. The copying itself is ``server.mirror``."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from storage import Digest, FilesystemDriver, Store
+
+from . import signatures as sigs
+from . import snippets
+from .config import Config, parse_listen
+from .mirror import ImageJob, ManifestNode, Mirror, MirrorError, _size
+from .progress import Progress
+from .reference import ImageReference, ReferenceError
+from .release import ARCHES, ReleaseError, read_payload
+from .signatures import SignatureError
+from .upstream import UpstreamError
+
+__all__ = ["MirrorOptions", "mirror_release", "mirror_images", "CommandError"]
+
+log = logging.getLogger("bastion.mirror")
+
+
+class CommandError(Exception):
+    """A failure to report as one line, exit code 1."""
+
+
+@dataclass
+class MirrorOptions:
+    to: str | None = None
+    authfile: str | None = None
+    out_dir: str | None = None
+    mirror_host: str | None = None
+    concurrency: int = 8
+    dry_run: bool = False
+    signatures_from: str | None = None
+    insecure: bool = False
+
+
+def default_mirror_host(config: Config) -> str:
+    _, port = parse_listen(config.listen)
+    return f"{socket.getfqdn()}:{port}"
+
+
+def _store(config: Config) -> Store:
+    return Store(FilesystemDriver(config.storage.root), config.limits.manifest_size)
+
+
+def _platform_child(root: ManifestNode) -> ManifestNode:
+    """The child of a multi-arch release to read the payload from: linux/amd64 if present."""
+    doc = json.loads(root.body)
+    for entry in doc.get("manifests", []):
+        platform = entry.get("platform") or {}
+        if platform.get("architecture") == "amd64" and platform.get("os", "linux") == "linux":
+            for child in root.children:
+                if str(child.digest) == entry.get("digest"):
+                    return child
+    return root.children[0]
+
+
+def _layers(node: ManifestNode) -> list[Digest]:
+    doc = json.loads(node.body)
+    return [Digest.parse(layer["digest"]) for layer in doc.get("layers", [])]
+
+
+def _architecture(image_config: bytes) -> str:
+    try:
+        arch = json.loads(image_config).get("architecture", "")
+    except ValueError:
+        arch = ""
+    return ARCHES.get(arch, arch or "unknown")
+
+
+def _print_dry_run(jobs: list[ImageJob], missing: dict[Digest, tuple[int, ImageJob]]) -> None:
+    out = sys.stdout
+    total = sum(size for size, _ in missing.values())
+    for job in jobs:
+        assert job.root is not None
+        label = f" ({job.label})" if job.label else ""
+        out.write(f"{job.source.name}@{job.root.digest} -> {job.dest}{label}\n")
+    out.write(f"would fetch {len(missing)} blobs, {_size(total)}; {len(jobs)} images\n")
+
+
+def _emit(options: MirrorOptions, files: dict[str, str]) -> None:
+    for name, content in files.items():
+        sys.stdout.write(f"\n# {name}\n{content}")
+    if options.out_dir:
+        written = snippets.write(files, options.out_dir)
+        sys.stdout.write(f"\nwrote {len(written)} files to {options.out_dir}\n")
+
+
+async def _execute(mirror: Mirror, jobs: list[ImageJob], options: MirrorOptions) -> bool:
+    """Run the jobs (or print the dry run). False for a dry run."""
+    if options.dry_run:
+        missing = await mirror.missing(mirror.blobs_of(jobs))
+        _print_dry_run(jobs, missing)
+        return False
+    await mirror.run(jobs)
+    return True
+
+
+def _mirror_map(name: str, host: str, jobs: list[ImageJob]) -> snippets.MirrorMap:
+    m = snippets.MirrorMap(name)
+    for job in jobs:
+        m.digests[job.source.name] = f"{host}/{job.dest}"
+        if job.source.tag and job.source.tag in job.tags:
+            m.tags[job.source.name] = f"{host}/{job.dest}"
+    return m
+
+
+def _wrap_errors(exc: BaseException) -> CommandError:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return CommandError(f"disk full writing to the store: {exc.filename or ''}".rstrip())
+    return CommandError(str(exc))
+
+
+async def mirror_release(config: Config, source: str, options: MirrorOptions) -> int:
+    try:
+        ref = ImageReference.parse(source)
+    except ReferenceError as e:
+        raise CommandError(str(e)) from None
+    store = _store(config)
+    with Progress(enabled=not options.dry_run) as progress:
+        mirror = Mirror(
+            config,
+            store,
+            authfile=options.authfile,
+            concurrency=options.concurrency,
+            progress=progress,
+        )
+        try:
+            return await _mirror_release(mirror, store, config, ref, options)
+        except (MirrorError, ReleaseError, SignatureError, UpstreamError, OSError) as e:
+            raise _wrap_errors(e) from None
+        finally:
+            await mirror.close()
+
+
+async def _mirror_release(
+    mirror: Mirror, store: Store, config: Config, ref: ImageReference, options: MirrorOptions
+) -> int:
+    release_dest = options.to or mirror.local_name(ref)
+    release_job = ImageJob(ref, release_dest, label="release")
+    await mirror.plan([release_job])
+    root = release_job.root
+    assert root is not None
+    image = _platform_child(root) if root.children else root
+    with tempfile.TemporaryDirectory(prefix="bastion-release-") as scratch:
+        # a dry run reads the payload from scratch files; a real run fetches the release
+        # image's blobs into the store (they are mirrored anyway) and reads them there
+        if options.dry_run:
+            fetch = functools.partial(mirror.download, ref, scratch)
+        else:
+            await mirror.fetch_blobs([ImageJob(ref, release_dest, root=image)])
+            fetch = functools.partial(_stored_path, store)
+        payload = await read_payload(fetch, _layers(image))
+        image_config = await fetch(image.blobs[0][0])
+        with open(image_config, "rb") as f:
+            arch = "multi" if root.children else _architecture(f.read(1 << 20))
+    version_tag = f"{payload.version}-{arch}"
+    if options.to:
+        release_job.tags = [version_tag]
+    elif ref.tag:
+        release_job.tags = [ref.tag]
+    jobs = [release_job]
+    for name, component in payload.components:
+        dest = options.to or mirror.local_name(component)
+        tags = [f"{version_tag}-{name}"] if options.to else []
+        jobs.append(ImageJob(component, dest, tags, label=name))
+    mirror.progress.set_total_images(len(jobs))
+    log.info(
+        "release %s (%s): %d components", payload.version, root.digest, len(payload.components)
+    )
+    await mirror.plan(jobs[1:])
+    if not await _execute(mirror, jobs, options):
+        return 0
+    host = options.mirror_host or default_mirror_host(config)
+    sources = _mirror_map(f"release-{payload.version}".replace("_", "-").lower(), host, jobs)
+    files = snippets.render(sources, insecure=options.insecure)
+    if options.signatures_from:
+        signatures = await sigs.fetch_signatures(options.signatures_from, root.digest)
+        await sigs.keep(store, root.digest, signatures)
+        if options.out_dir:
+            sigs.write_files(options.out_dir, root.digest, signatures)
+        files["signature-configmap.yaml"] = sigs.configmap(root.digest, signatures)
+    out = sys.stdout
+    out.write("Success\n")
+    tag = f":{release_job.tags[0]}" if release_job.tags else ""
+    out.write(f"Update image:  {host}/{release_dest}{tag}\n")
+    out.write(f"Release digest: {root.digest}\n")
+    out.write(f"Mirror prefix: {host}/{release_dest}\n")
+    out.write(f"Summary: {mirror.summary.line()}\n")
+    _emit(options, files)
+    return 0
+
+
+async def _stored_path(store: Store, digest: Digest) -> str:
+    path = store.blob_local_path(digest)
+    assert path is not None
+    return path
+
+
+def read_list(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [
+                line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")
+            ]
+    except OSError as e:
+        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+
+
+async def mirror_images(config: Config, sources: Sequence[str], options: MirrorOptions) -> int:
+    try:
+        refs = [ImageReference.parse(s) for s in sources]
+    except ReferenceError as e:
+        raise CommandError(str(e)) from None
+    if not refs:
+        raise CommandError("no images given")
+    store = _store(config)
+    with Progress(enabled=not options.dry_run, total_images=len(refs)) as progress:
+        mirror = Mirror(
+            config,
+            store,
+            authfile=options.authfile,
+            concurrency=options.concurrency,
+            progress=progress,
+        )
+        try:
+            jobs = [
+                ImageJob(ref, options.to or mirror.local_name(ref), [ref.tag] if ref.tag else [])
+                for ref in refs
+            ]
+            await mirror.plan(jobs)
+            if not await _execute(mirror, jobs, options):
+                return 0
+        except (MirrorError, UpstreamError, OSError) as e:
+            raise _wrap_errors(e) from None
+        finally:
+            await mirror.close()
+    host = options.mirror_host or default_mirror_host(config)
+    sys.stdout.write(f"Success\nSummary: {mirror.summary.line()}\n")
+    _emit(
+        options,
+        snippets.render(_mirror_map("bastion-images", host, jobs), insecure=options.insecure),
+    )
+    return 0
