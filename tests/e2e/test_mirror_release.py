@@ -281,5 +281,76 @@ def test_refused_credentials_name_authfile_and_host(
     )
     p = mirror(cfg, tmp_path / "root", SOURCE, "--authfile", str(bad))
     assert p.returncode == 1
-    line = [x for x in p.stderr.splitlines() if x.startswith("bastion:")][0]
+    line = next(x for x in p.stderr.splitlines() if x.startswith("bastion:"))
     assert str(bad) in line and "quay.io" in line
+
+
+def test_mirror_image_while_serving_shares_fetches(
+    config: Path,
+    tmp_path: Path,
+    distribution_upstream: DistributionUpstream,
+    upstream_client: RegistryClient,
+) -> None:
+    """``mirror image`` and a running ``serve`` (pull-through) on one root: every blob is
+    fetched from the upstream once in all, whoever asks first."""
+    from tests.images import multi_arch_index, sample_image
+    from tests.upstream import push_artifact
+
+    images = [sample_image(f"extra-{i}", payload_size=2 * 1024 * 1024) for i in range(3)]
+    index = multi_arch_index("extra-index")
+    refs = []
+    for i, image in enumerate(images):
+        push_artifact(upstream_client, "team/extra", image, tag=f"v{i}")
+        refs.append(f"quay.io/team/extra:v{i}")
+    index_digest = push_artifact(upstream_client, "team/multi", index)
+    refs.append(f"quay.io/team/multi@{index_digest}")
+    listing = tmp_path / "images.txt"
+    listing.write_text("# additional images\n" + "\n".join(refs) + "\n")
+    root = tmp_path / "root"
+    server = start_registry(tmp_path / "serve", config.read_text(), root=root)
+    distribution_upstream.reset_counts()
+    try:
+        proc = subprocess.Popen(
+            [
+                *bastion_command(),
+                "mirror",
+                "image",
+                "--config",
+                str(config),
+                "--root",
+                str(root),
+                "--from-file",
+                str(listing),
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--mirror-host",
+                server.addr,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        import urllib.request
+
+        for image in images:  # nodes pulling the same blobs through the cache meanwhile
+            for blob in image.blobs:
+                url = f"http://{server.addr}/v2/quay.io/team/extra/blobs/{blob.digest}"
+                with urllib.request.urlopen(url, timeout=60) as r:
+                    assert r.read() == blob.data
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        unique = {b.digest for image in [*images, *index.children] for b in image.blobs}
+        assert distribution_upstream.count_requests("GET", "/blobs/sha256:", status=200) == len(
+            unique
+        )
+        assert "Success" in out
+        for i in range(3):
+            assert (
+                root / f"repositories/quay.io/team/extra/_manifests/tags/v{i}"
+            ).read_text() == images[i].digest
+        itms = yaml.safe_load((tmp_path / "out" / "imageTagMirrorSet.yaml").read_text())
+        assert itms["spec"]["imageTagMirrors"] == [
+            {"source": "quay.io/team/extra", "mirrors": [f"{server.addr}/quay.io/team/extra"]}
+        ]
+    finally:
+        stop_registry(server)
