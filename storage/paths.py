@@ -14,6 +14,10 @@
                                                       subject is that digest
       uploads/<uuid>/info                             {"repository": ..., "started": ...}
       uploads/<uuid>/data                             bytes received so far
+      proxy/<alg>/<hex>.lock                          pull-through fill of one blob: the lock and
+      proxy/<alg>/<hex>.<token>                       its state; the bytes as they arrive
+                                                      (``storage.fill``)
+      signatures/<alg>=<hex>/signature-N              release signatures kept for export
 
 Repository names are validated (``storage.digest.validate_name``) before they reach these
 functions: no component can start with ``_`` or be ``..``, so a name never collides with the
