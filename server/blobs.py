@@ -107,12 +107,16 @@ async def _get_proxied(
             on_commit=lambda: store.link_blob(name, digest),
             start_timeout=upstream.connect_timeout + upstream.read_timeout,
         )
-    except SourceMissing as e:
-        raise OCIError("BLOB_UNKNOWN", str(e)) from None
+    except SourceMissing:
+        raise OCIError("BLOB_UNKNOWN", f"blob {digest} unknown to the upstream") from None
     except FillFailed as e:
-        raise OCIError("UNKNOWN", str(e), status=502) from None
+        log.error("fetch of %s@%s failed: %s", name, digest, e)
+        hosts = ", ".join(dict.fromkeys(s.upstream.host for s in sources))
+        raise OCIError(
+            "UNKNOWN", f"fetch from upstream {hosts} failed (see the registry log)", status=502
+        ) from None
     except UpstreamError as e:
-        raise upstream_error(e, "blob") from None
+        raise upstream_error(e, "blob", sources) from None
     if fill is None:  # it landed meanwhile
         await store.link_blob(name, digest)
         return _serve_file(request, store, digest, await store.stat_blob(name, digest))

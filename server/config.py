@@ -13,6 +13,8 @@ from typing import Any, Final
 
 import yaml
 
+from storage import InvalidName, validate_name
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -240,7 +242,18 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         d = _section(m, f"mappings[{i}]", {"local", "sources"})
         if not isinstance(d.get("local"), str) or not isinstance(d.get("sources"), list):
             raise ConfigError(f"mappings[{i}]: needs 'local' (a name) and 'sources' (a list)")
-        cfg.mappings.append(Mapping(d["local"], [str(s) for s in d["sources"]]))
+        local, sources = d["local"], [str(s) for s in d["sources"]]
+        try:
+            validate_name(local)
+        except InvalidName as e:
+            raise ConfigError(f"mappings[{i}].local: {e}") from None
+        for source in sources:
+            host, _, repository = source.partition("/")
+            if host not in cfg.upstreams or not repository:
+                raise ConfigError(
+                    f"mappings[{i}].sources: {source!r} does not start with a configured upstream host"
+                )
+        cfg.mappings.append(Mapping(local, sources))
     a = _section(top.get("auth"), "auth", {"htpasswd", "anonymous_pull"})
     cfg.auth = AuthConfig(
         _typed(a, "htpasswd", str, "auth", None), _typed(a, "anonymous_pull", bool, "auth", True)

@@ -89,6 +89,7 @@ _STORE_CODES: Final[list[tuple[type[Exception], str]]] = [
     (storage.ManifestUnknown, "MANIFEST_UNKNOWN"),
     (storage.RepositoryUnknown, "NAME_UNKNOWN"),
     (storage.UploadUnknown, "BLOB_UPLOAD_UNKNOWN"),
+    (storage.UploadBusy, "BLOB_UPLOAD_INVALID"),
     (storage.ManifestInvalid, "MANIFEST_INVALID"),
     (storage.ManifestBlobUnknown, "MANIFEST_BLOB_UNKNOWN"),
 ]

@@ -35,7 +35,7 @@ def page_params(request: web.Request) -> tuple[int | None, str | None]:
     raw_n = request.query.get("n")
     n = None
     if raw_n is not None and raw_n != "":
-        if not raw_n.isdigit():
+        if not re.fullmatch(r"[0-9]{1,9}", raw_n):
             raise OCIError(
                 "PAGINATION_NUMBER_INVALID", f"n must be a non-negative integer, got {raw_n!r}"
             )

@@ -67,7 +67,7 @@ async def get_manifest(request: web.Request) -> web.StreamResponse:
         try:
             stored_as = str((await proxy.manifest(name, reference, sources)).digest)
         except UpstreamError as e:
-            raise upstream_error(e, "manifest") from None
+            raise upstream_error(e, "manifest", sources) from None
     if request.method == "HEAD":
         info = await store.stat_manifest(name, stored_as)
         _negotiate(request, reference, info)

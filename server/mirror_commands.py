@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from storage import Digest, FilesystemDriver, Store
+from storage import Digest, FilesystemDriver, Store, StoreError
 
 from . import signatures as sigs
 from . import snippets
@@ -139,7 +139,7 @@ async def mirror_release(config: Config, source: str, options: MirrorOptions) ->
         )
         try:
             return await _mirror_release(mirror, store, config, ref, options)
-        except (MirrorError, ReleaseError, SignatureError, UpstreamError, OSError) as e:
+        except (MirrorError, ReleaseError, SignatureError, UpstreamError, StoreError, OSError) as e:
             raise _wrap_errors(e) from None
         finally:
             await mirror.close()
@@ -243,7 +243,7 @@ async def mirror_images(config: Config, sources: Sequence[str], options: MirrorO
             await mirror.plan(jobs)
             if not await _execute(mirror, jobs, options):
                 return 0
-        except (MirrorError, UpstreamError, OSError) as e:
+        except (MirrorError, UpstreamError, StoreError, OSError) as e:
             raise _wrap_errors(e) from None
         finally:
             await mirror.close()

@@ -27,13 +27,19 @@ from typing import Final, TypeVar
 
 from aiohttp import web
 
-from storage import Digest, ManifestInfo, ManifestUnknown, Store
+from storage import Digest, ManifestInfo, ManifestUnknown, Store, validate_tag
 from storage.digest import is_digest_reference
 from storage.fill import BlobSource, Fetch, Fills, SourceMissing
 
 from .config import Config
 from .errors import OCIError
-from .upstream import UpstreamClient, UpstreamError, UpstreamNotFound
+from .upstream import (
+    UpstreamAuthError,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamNotFound,
+    UpstreamUnavailable,
+)
 
 __all__ = ["Proxy", "Source"]
 
@@ -158,6 +164,7 @@ class Proxy:
             body, content_type, _ = await self._fetch_manifest(sources, reference)
             return await store.cache_manifest(name, digest, body, content_type, None)
 
+        validate_tag(reference)  # never forward a malformed reference upstream
         cached: ManifestInfo | None = None
         try:
             cached = await store.stat_manifest(name, reference)
@@ -184,6 +191,9 @@ class Proxy:
                 raise
             log.warning("serving cached %s:%s: %s", name, reference, e)
             self.stats["stale_served"] += 1
+            # back off: the next check of this tag waits another tag_ttl, so an unreachable
+            # upstream does not slow every pull down by its timeouts
+            await store.touch_tag(name, reference, cached.digest)
             return cached
         algorithm = header_digest.split(":", 1)[0] if header_digest else "sha256"
         digest = Digest.of(body, algorithm if algorithm in ("sha256", "sha512") else "sha256")
@@ -274,12 +284,21 @@ async def _first(sources: list[Source], attempt: Callable[[Source], Awaitable[_T
     raise not_found
 
 
-def upstream_error(exc: UpstreamError, what: str) -> OCIError:
-    """The OCI error a client sees for an upstream failure."""
+def upstream_error(exc: UpstreamError, what: str, sources: list[Source]) -> OCIError:
+    """The OCI error a client sees for an upstream failure. The details (user names, the
+    authfile, internal URLs) go to the log only; the client learns which upstream failed."""
+    hosts = ", ".join(dict.fromkeys(s.upstream.host for s in sources))
     if isinstance(exc, UpstreamNotFound):
         code = "MANIFEST_UNKNOWN" if what == "manifest" else "BLOB_UNKNOWN"
-        return OCIError(code, str(exc))
-    return OCIError("UNKNOWN", str(exc), status=_UPSTREAM_FAILED)
+        return OCIError(code, f"{what} unknown to upstream {hosts}")
+    log.error("%s", exc)
+    if isinstance(exc, UpstreamAuthError):
+        message = f"upstream {hosts} refused authentication (see the registry log)"
+    elif isinstance(exc, UpstreamUnavailable):
+        message = f"upstream {hosts} unavailable (see the registry log)"
+    else:
+        message = f"upstream {hosts} sent an invalid answer (see the registry log)"
+    return OCIError("UNKNOWN", message, status=_UPSTREAM_FAILED)
 
 
 def refuse_write(name: str, sources: list[Source]) -> OCIError:

@@ -233,7 +233,8 @@ class UpstreamClient:
         attempt = 0
         while True:
             attempt += 1
-            hdrs = dict(headers or {})
+            # identity: registries hash the bytes as sent; a compressed answer would not match
+            hdrs = {"Accept-Encoding": "identity", **(headers or {})}
             authorization = await self._authorization(repository)
             if authorization:
                 hdrs["Authorization"] = authorization
@@ -306,8 +307,11 @@ class UpstreamClient:
             raise UpstreamUnavailable(f"upstream {self.host}: reading manifest: {e}") from None
         finally:
             response.release()
-        content_type = response.headers.get("Content-Type")
-        return b"".join(parts), content_type, response.headers.get("Docker-Content-Digest")
+        return (
+            b"".join(parts),
+            _media_type(response.headers.get("Content-Type")),
+            response.headers.get("Docker-Content-Digest"),
+        )
 
     async def head_manifest(self, repository: str, reference: str) -> tuple[str | None, str | None]:
         """(Docker-Content-Digest, Content-Type) of a manifest without its body."""
@@ -315,7 +319,10 @@ class UpstreamClient:
             "HEAD", repository, f"manifests/{reference}", {"Accept": MANIFEST_ACCEPT}
         )
         response.release()
-        return response.headers.get("Docker-Content-Digest"), response.headers.get("Content-Type")
+        return (
+            response.headers.get("Docker-Content-Digest"),
+            _media_type(response.headers.get("Content-Type")),
+        )
 
     async def head_blob(self, repository: str, digest: str) -> int | None:
         response = await self.request("HEAD", repository, f"blobs/{digest}")
@@ -324,6 +331,13 @@ class UpstreamClient:
 
     async def open_blob(self, repository: str, digest: str) -> UpstreamBlob:
         return UpstreamBlob(await self.request("GET", repository, f"blobs/{digest}"))
+
+
+def _media_type(value: str | None) -> str | None:
+    """A Content-Type without parameters (``; charset=utf-8``), lowercased."""
+    if not value:
+        return None
+    return value.split(";", 1)[0].strip().lower() or None
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -13,6 +13,7 @@ Exception tree::
     ├── RepositoryUnknown    repository has no content at all
     ├── UploadUnknown        no such upload session in this repository
     ├── UploadOffsetInvalid  a chunk does not start where the upload ends
+    ├── UploadBusy           another request is using the upload session
     ├── ManifestInvalid      manifest body is malformed or of an unsupported type
     ├── ManifestTooLarge     manifest body exceeds the configured limit
     └── ManifestBlobUnknown  manifest references content missing from the repository
@@ -32,6 +33,7 @@ __all__ = [
     "RepositoryUnknown",
     "UploadUnknown",
     "UploadOffsetInvalid",
+    "UploadBusy",
     "ManifestInvalid",
     "ManifestTooLarge",
     "ManifestBlobUnknown",
@@ -75,6 +77,10 @@ class RepositoryUnknown(StoreError):
 
 
 class UploadUnknown(StoreError):
+    pass
+
+
+class UploadBusy(StoreError):
     pass
 
 

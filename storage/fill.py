@@ -68,6 +68,7 @@ class _Leader:
     """In-process view of a fetch this process leads."""
 
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -130,13 +131,36 @@ class Fill:
         self._fills = fills
         self.digest = digest
         self.size: int | None = state.get("size")
-        self._data = fills.data_path(digest, state["token"])
+        self._token = state["token"]
+        self._data = fills.data_path(digest, self._token)
         self._leader = leader
+        self._checked_alive = time.monotonic()
 
-    def _state(self) -> dict[str, Any] | None:
+    async def _status(self) -> tuple[str, dict[str, Any]]:
+        """("fetching" | "done" | "failed", state) of this fill. The lock file holds the state
+        of the latest fetch only: once it names another token (or none), ours has ended, and
+        the blob pool says how."""
+        lock = self._fills.lock_path(self.digest)
         if self._leader is not None:
-            return self._leader.state
-        return _read_state(self._fills.lock_path(self.digest))
+            state = self._leader.state
+        else:
+            state = await _run(_read_state, lock) or {}
+        if state.get("token") == self._token:
+            status = str(state.get("state"))
+            if status != "fetching" or self._leader is not None:
+                return status, state
+            if time.monotonic() - self._checked_alive < _LIVENESS_EVERY:
+                return status, state
+            self._checked_alive = time.monotonic()
+            if await _run(_held, lock):
+                return status, state
+            state = await _run(_read_state, lock) or {}  # the leader may have just finished
+            if state.get("token") == self._token and state.get("state") != "fetching":
+                return str(state.get("state")), state
+        if await _run(self._fills.blob_path_exists, self.digest):
+            size = (await _run(os.stat, self._fills.blob_path(self.digest))).st_size
+            return "done", {"size": size}
+        return "failed", {"error": f"fetch of {self.digest} was interrupted"}
 
     async def _wait(self) -> None:
         if self._leader is not None:
@@ -156,62 +180,47 @@ class Fill:
 
     async def wait(self) -> int:
         """Wait until the blob is committed; its size. Raises ``FillFailed`` if it is not."""
-        idle_since = time.monotonic()
         while True:
-            if self._leader is not None:
-                changed = self._leader.changed
-            state = self._state() or {}
-            if state.get("state") == "done":
+            status, state = await self._status()
+            if status == "done":
                 return int(state.get("size") or 0)
-            if state.get("state") == "failed":
+            if status == "failed":
                 raise _failure(state)
-            if self._leader is not None:
-                await changed.wait()
-                continue
-            if time.monotonic() - idle_since > _LIVENESS_EVERY:
-                if not await _run(_held, self._fills.lock_path(self.digest)):
-                    if await _run(self._fills.blob_path_exists, self.digest):
-                        return int(
-                            (await _run(os.stat, self._fills.blob_path(self.digest))).st_size
-                        )
-                    raise FillFailed(f"fetch of {self.digest} was interrupted")
-                idle_since = time.monotonic()
-            await asyncio.sleep(_POLL * 2.5)
+            await self._wait()
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Bytes ``[start, end)`` as they arrive. Raises ``FillFailed`` if the fetch fails
-        before they all arrived."""
+        """Bytes ``[start, end)`` as they arrive. The last piece is held back until the whole
+        blob matched its digest; if it does not, ``FillFailed`` is raised instead, so a client
+        never receives a complete wrong body."""
         try:
             fd = await _run(self._open)
         except FileNotFoundError:
             raise FillFailed(f"fetch of {self.digest} failed") from None
         try:
             pos = start
-            idle_since = time.monotonic()
+            held = b""
             while end is None or pos < end:
                 want = _READ if end is None else min(_READ, end - pos)
                 chunk = await _run(os.pread, fd, want, pos)
                 if chunk:
                     pos += len(chunk)
-                    idle_since = time.monotonic()
-                    yield chunk
+                    if held:
+                        yield held
+                    held = chunk
                     continue
-                state = self._state() or {}
-                if state.get("state") == "failed":
-                    raise FillFailed(state.get("error") or f"fetch of {self.digest} failed")
-                if state.get("state") == "done":
+                status, state = await self._status()
+                if status == "failed":
+                    raise _failure(state)
+                if status == "done":
                     if os.fstat(fd).st_size > pos:
                         continue  # written between our read and the state change
                     if end is not None and pos < end:
                         raise FillFailed(f"fetch of {self.digest} ended short")
-                    return
-                if time.monotonic() - idle_since > _LIVENESS_EVERY:
-                    lock = self._fills.lock_path(self.digest)
-                    alive = await _run(_held, lock)
-                    if not alive and not await _run(self._fills.blob_path_exists, self.digest):
-                        raise FillFailed(f"fetch of {self.digest} was interrupted")
-                    idle_since = time.monotonic()
+                    break
                 await self._wait()
+            await self.wait()  # verified: now the last piece may go
+            if held:
+                yield held
         finally:
             os.close(fd)
 
@@ -254,32 +263,35 @@ class Fills:
                 return None
             leader = self._leaders.get(digest)
             if leader is not None:
+                if leader.started.is_set() and leader.state.get("state") == "failed":
+                    await leader.finished.wait()  # it failed before we came: fetch again
+                    continue
                 await leader.started.wait()
                 if leader.state.get("state") == "failed" and "token" not in leader.state:
-                    raise _failure(leader.state)
+                    raise _failure(leader.state)  # the fetch we joined could not start
                 return Fill(self, digest, leader.state, leader)
             fd = await _run(_try_lock, self.lock_path(digest))
             if fd is not None:
-                if await _run(self.blob_path_exists, digest):
+                try:
+                    if await _run(self.blob_path_exists, digest):
+                        os.close(fd)
+                        return None
+                    await _run(_write_state, fd, {})
+                    await _run(self._remove_stale, digest)
+                except BaseException:
                     os.close(fd)
-                    return None
-                await _run(_write_state, fd, {})
-                await _run(self._remove_stale, digest)
+                    raise
                 leader = _Leader()
                 self._leaders[digest] = leader
                 task = asyncio.ensure_future(self._lead(digest, fetch, fd, leader, on_commit))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 continue  # wait for it to start, as any other local follower does
+            # another process leads, or is just taking over: follow a fetch that has started.
+            # A failed state belongs to an earlier fetch: wait for the lock to come free.
             state = await _run(_read_state, self.lock_path(digest))
             if state and state.get("token") and state.get("state") == "fetching":
                 return Fill(self, digest, state, None)
-            if (
-                state
-                and state.get("state") == "failed"
-                and await _run(_held, self.lock_path(digest))
-            ):
-                raise _failure(state)
             if time.monotonic() > deadline:
                 raise FillFailed(f"timed out waiting for the fetch of {digest} to start")
             await asyncio.sleep(_POLL)
@@ -348,6 +360,7 @@ class Fills:
             await _run(_unlink, data_path)
         finally:
             leader.started.set()
+            leader.finished.set()
             leader.notify()
             if source is not None:
                 source.close()

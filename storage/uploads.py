@@ -9,17 +9,21 @@ becomes visible in the blob pool until its digest and size were verified.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import time
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
 from . import paths
 from .digest import Digest, validate_name
 from .driver import FileWriter, PathNotFound
-from .errors import DigestMismatch, SizeMismatch, UploadOffsetInvalid, UploadUnknown
+from .errors import DigestMismatch, SizeMismatch, UploadBusy, UploadOffsetInvalid, UploadUnknown
 
 if TYPE_CHECKING:
     from .store import Store
@@ -31,6 +35,17 @@ WRITE_BATCH: Final = 1 << 20
 #: Running hashes kept per process; the oldest are dropped beyond this (they can be rebuilt).
 _MAX_CACHED_HASHES: Final = 1024
 _UPLOAD_ID_CHARS: Final = frozenset("0123456789abcdef-")
+
+
+def _try_flock(path: str) -> int | None:
+    """An fd holding an exclusive flock on ``path``, or None if another request holds it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class Uploads:
@@ -57,6 +72,28 @@ class Uploads:
         if info.get("repository") != name:
             raise UploadUnknown(f"upload {upload_id} unknown to repository {name}")
 
+    @contextlib.asynccontextmanager
+    async def _locked(self, name: str, upload_id: str) -> AsyncIterator[None]:
+        """Exclusive use of a session by one request, across worker processes: a second PATCH
+        or PUT on a session in use is refused rather than interleaved (their bytes would
+        otherwise mix, or land after the digest check)."""
+        await self._check(name, upload_id)
+        path = self._driver.local_path(paths.upload_info(upload_id))
+        if path is None:
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            fd = await loop.run_in_executor(None, _try_flock, path)
+        except FileNotFoundError:
+            raise UploadUnknown(f"upload {upload_id} unknown") from None
+        if fd is None:
+            raise UploadBusy(f"upload {upload_id} is in use by another request")
+        try:
+            yield
+        finally:
+            os.close(fd)
+
     async def size(self, name: str, upload_id: str) -> int:
         """Bytes received so far."""
         await self._check(name, upload_id)
@@ -79,7 +116,12 @@ class Uploads:
         """Append a chunk. ``start`` (from Content-Range) must equal the bytes received so far;
         ``length`` (Content-Length) must equal the bytes that arrive. Returns the new size.
         On a size mismatch the bytes that did arrive are kept (the client sees the new size)."""
-        await self._check(name, upload_id)
+        async with self._locked(name, upload_id):
+            return await self._append(upload_id, chunks, start, length)
+
+    async def _append(
+        self, upload_id: str, chunks: AsyncIterable[bytes], start: int | None, length: int | None
+    ) -> int:
         cached = self._hashes.pop(upload_id, None)
         hasher = cached[1] if cached else hashlib.sha256()
         writer = self._driver.writer(paths.upload_data(upload_id), append=True, hasher=hasher)
@@ -133,11 +175,14 @@ class Uploads:
     ) -> int:
         """Append the optional last chunk, verify the whole upload against ``digest`` and move it
         into the blob pool, link it into ``name`` and end the session. Returns the blob size.
-        A digest mismatch ends the session and nothing becomes visible."""
-        if chunks is not None:
-            await self.append(name, upload_id, chunks, start=start, length=length)
-        else:
-            await self._check(name, upload_id)
+        A digest mismatch ends the session and nothing becomes visible. The session is held
+        exclusively from the last chunk to the commit."""
+        async with self._locked(name, upload_id):
+            if chunks is not None:
+                await self._append(upload_id, chunks, start, length)
+            return await self._finish(name, upload_id, digest)
+
+    async def _finish(self, name: str, upload_id: str, digest: Digest) -> int:
         cached = self._hashes.pop(upload_id, None)
         data = paths.upload_data(upload_id)
         writer = self._driver.writer(data, append=True)
@@ -152,7 +197,8 @@ class Uploads:
                 hasher.update(block)
             actual = Digest(digest.algorithm, hasher.hexdigest())
         if actual != digest:
-            await self.cancel(name, upload_id)
+            self._hashes.pop(upload_id, None)
+            await self._driver.delete(paths.upload_dir(upload_id))
             raise DigestMismatch(f"uploaded content has digest {actual}, not {digest}")
         await self._store.commit_blob(data, digest)
         await self._store.link_blob(name, digest)
@@ -160,9 +206,9 @@ class Uploads:
         return size
 
     async def cancel(self, name: str, upload_id: str) -> None:
-        await self._check(name, upload_id)
-        self._hashes.pop(upload_id, None)
-        try:
-            await self._driver.delete(paths.upload_dir(upload_id))
-        except PathNotFound:
-            raise UploadUnknown(f"upload {upload_id} unknown") from None
+        async with self._locked(name, upload_id):
+            self._hashes.pop(upload_id, None)
+            try:
+                await self._driver.delete(paths.upload_dir(upload_id))
+            except PathNotFound:
+                raise UploadUnknown(f"upload {upload_id} unknown") from None

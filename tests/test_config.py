@@ -62,6 +62,11 @@ def test_overrides_win(tmp_path: Path) -> None:
         ("storage: [1]\n", "storage: expected a mapping"),
         ("a: [\n", "invalid YAML at line"),
         ("auth: {htpasswd: /etc/htpasswd}\n", "auth.htpasswd"),
+        ("mappings: [{local: a/b, sources: [nowhere.io/x]}]\n", "configured upstream host"),
+        (
+            "upstreams: {quay.io: {}}\nmappings: [{local: Bad, sources: [quay.io/x]}]\n",
+            "mappings[0].local",
+        ),
         ("storage: {s3: {endpoint: 'http://x', bucket: b}}\n", "storage.s3"),
     ],
 )

@@ -198,3 +198,46 @@ async def test_bodies_without_newlines(client) -> None:
     r = await client.put(loc, params={"digest": d}, data=io.BytesIO(b""))
     assert r.status == 201
     assert await (await client.get(f"/v2/up/blobs/{d}")).read() == zeros
+
+
+async def test_a_session_is_used_by_one_request_at_a_time(client) -> None:
+    """A PUT racing a slow PATCH on the same session must not commit bytes that arrive after
+    its digest check (the pool would then hold wrong bytes under that digest)."""
+    import asyncio
+
+    loc = await start(client)
+    first = b"a" * 100
+    release = asyncio.Event()
+
+    async def slow_body():  # type: ignore[no-untyped-def]
+        yield first
+        await release.wait()
+        yield b"b" * 100
+
+    patch = asyncio.ensure_future(client.patch(loc, data=slow_body()))
+    await asyncio.sleep(0.3)  # the PATCH holds the session now
+    r = await client.put(loc, params={"digest": digest_of(first)})
+    assert r.status == 400 and await error_code(r) == "BLOB_UPLOAD_INVALID"
+    r = await client.patch(loc, data=b"c", headers={"Content-Range": "0-0"})
+    assert r.status == 400 and await error_code(r) == "BLOB_UPLOAD_INVALID"
+    release.set()
+    assert (await patch).status == 202
+    assert (await client.head(f"/v2/up/blobs/{digest_of(first)}")).status == 404
+    whole = first + b"b" * 100
+    r = await client.put(loc, params={"digest": digest_of(whole)})
+    assert r.status == 201
+    assert await (await client.get(f"/v2/up/blobs/{digest_of(whole)}")).read() == whole
+
+
+async def test_concurrent_puts_commit_at_most_once_and_right(client) -> None:
+    import asyncio
+
+    loc = await start(client)
+    await client.patch(loc, data=BLOB, headers={"Content-Range": f"0-{len(BLOB) - 1}"})
+    results = await asyncio.gather(
+        *(client.put(loc, params={"digest": digest_of(BLOB)}) for _ in range(5))
+    )
+    statuses = sorted(r.status for r in results)
+    assert statuses.count(201) >= 1
+    assert all(s in (201, 400, 404) for s in statuses)
+    assert await (await client.get(f"/v2/up/blobs/{digest_of(BLOB)}")).read() == BLOB
