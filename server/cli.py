@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from storage import StoreError, validate_name
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, parse_size
 from .serve import ServeError, serve
 
 __all__ = ["main"]
@@ -64,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("sources", metavar="SOURCE_REF", nargs="*")
     i.add_argument("--from-file", metavar="LIST", help="a file with one image reference per line")
     _mirror_options(i)
+
+    e = sub.add_parser("export", help="write the store (or part of it) as an OCI image layout")
+    _common(e)
+    e.add_argument("--to", metavar="DIR", required=True, help="directory to write the export to")
+    e.add_argument(
+        "--repo", metavar="NAME", action="append", default=[], help="repository (globs: *)"
+    )
+    e.add_argument("--release", metavar="REF", help="a mirrored release and all its components")
+    e.add_argument(
+        "--since", metavar="PREVIOUS_EXPORT", help="only what that export chain did not carry"
+    )
+    e.add_argument("--split-size", metavar="SIZE", help="numbered tar volumes of at most SIZE")
+    e.add_argument("--concurrency", metavar="N", type=int, default=4, help="blobs copied at once")
+    im = sub.add_parser("import", help="load an export (or any OCI image layout) into the store")
+    _common(im)
+    im.add_argument("source", metavar="DIR", help="the export directory (or folder of volumes)")
+    im.add_argument(
+        "--repo", metavar="NAME", help="repository for entries that name none (other tools)"
+    )
+    im.add_argument("--concurrency", metavar="N", type=int, default=4, help="blobs copied at once")
     return parser
 
 
@@ -130,6 +150,52 @@ def _run_mirror(args: argparse.Namespace, config: Config) -> int:
         return 1
 
 
+def _run_ferry(args: argparse.Namespace, config: Config) -> int:
+    from .ferry import (
+        ExportOptions,
+        FerryError,
+        FerryProgress,
+        ImportOptions,
+        export_store,
+        import_layout,
+    )
+
+    if args.concurrency < 1:
+        raise ConfigError("--concurrency must be at least 1")
+    try:
+        for name in [args.repo] if isinstance(args.repo, str) else []:
+            validate_name(name)
+    except StoreError as e:
+        raise ConfigError(f"--repo: {e}") from None
+    with FerryProgress() as progress:
+        try:
+            if args.command == "export":
+                split = parse_size(args.split_size, "--split-size") if args.split_size else None
+                if args.since and not os.path.exists(args.since):
+                    raise ConfigError(f"--since {args.since} not found")
+                options = ExportOptions(
+                    args.to, args.repo, args.release, args.since, split, args.concurrency
+                )
+                line = asyncio.run(export_store(config, options, progress))
+            else:
+                if not os.path.isdir(args.source):
+                    raise ConfigError(f"{args.source} is not a directory")
+                line = asyncio.run(
+                    import_layout(
+                        config, ImportOptions(args.source, args.repo, args.concurrency), progress
+                    )
+                )
+        except FerryError as e:
+            for failure in e.lines:
+                print(f"bastion: {failure}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"bastion: {e}", file=sys.stderr)
+            return 1
+    print(f"Summary: {line}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -153,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             serve(config)
         elif args.command == "mirror":
             return _run_mirror(args, config)
+        elif args.command in ("export", "import"):
+            return _run_ferry(args, config)
     except (ServeError, ConfigError) as e:
         print(f"bastion: {e}", file=sys.stderr)
         return 1 if isinstance(e, ServeError) else 2

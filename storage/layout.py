@@ -1,0 +1,486 @@
+"""OCI image layouts (image-spec ``image-layout.md``) to and from the store: what
+``bastion export`` writes and ``bastion import`` reads. Knows nothing of HTTP.
+
+A layout written here::
+
+    DIR/
+      oci-layout                          {"imageLayoutVersion": "1.0.0"}
+      index.json                          one descriptor per exported manifest (a tag, or a
+                                          manifest only reachable by digest), annotated with
+                                          its full reference and source repository
+      blobs/<alg>/<hex>                   layers, configs and manifests (list children too),
+                                          one copy for every repository
+      signatures/<alg>=<hex>/signature-N  release signatures kept in the store
+
+Every file is written to a hidden temporary name, fsynced and renamed (the filesystem driver's
+write session), and a blob only after its bytes hashed to its digest: a blob present under its
+final name is complete and verified, which is what lets an interrupted export resume.
+
+Imported content passes through the store (``<root>/imports/staging/``) and reaches the blob
+pool only once verified; a completed import leaves ``<root>/imports/done/<export id>`` so an
+increment can check that its base is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from . import paths
+from .digest import Descriptor, Digest
+from .driver import FilesystemDriver, PathNotFound
+from .errors import (
+    BlobUnknown,
+    DigestMismatch,
+    InvalidDigest,
+    ManifestInvalid,
+    ManifestUnknown,
+    SizeMismatch,
+    StoreError,
+)
+from .manifest import OCI_INDEX, parse_manifest
+from .store import Store
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "REF_NAME",
+    "REPOSITORY_ANNOTATION",
+    "TAG_ANNOTATION",
+    "LayoutError",
+    "LayoutEntry",
+    "ManifestTree",
+    "Incomplete",
+    "LayoutWriter",
+    "LayoutReader",
+    "import_blob",
+    "read_store_tree",
+    "repository_roots",
+    "import_done",
+    "mark_import_done",
+    "signature_files",
+]
+
+LAYOUT_VERSION: Final = "1.0.0"
+#: image-spec annotations.md: the reference this manifest is known by.
+REF_NAME: Final = "org.opencontainers.image.ref.name"
+#: Our own annotations, so an import restores repository names and tags exactly.
+REPOSITORY_ANNOTATION: Final = "io.bastion.repository"
+TAG_ANNOTATION: Final = "io.bastion.tag"
+#: index.json of a release with thousands of entries is a few MiB.
+INDEX_LIMIT: Final = 64 * 1024 * 1024
+#: Read (and write) blobs in pieces of this size.
+CHUNK: Final = 1 << 20
+_SIGNATURES: Final = "signatures"
+_SIGNATURE_LIMIT: Final = 64 * 1024
+_STAGING: Final = "imports/staging"
+_DONE: Final = "imports/done"
+
+Advance = Callable[[int], None]
+
+
+class LayoutError(StoreError):
+    """The directory is not a readable OCI image layout (one line naming why)."""
+
+
+class Incomplete(StoreError):
+    """A manifest tree in the store lacks content (``missing`` digests)."""
+
+    def __init__(self, message: str, missing: list[Digest]) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+def layout_blob(digest: Digest) -> str:
+    return f"blobs/{digest.algorithm}/{digest.hex}"
+
+
+def _staging(digest: Digest) -> str:
+    return f"{_STAGING}/{digest.algorithm}-{digest.hex}-{uuid.uuid4().hex}"
+
+
+# ---- manifests in the store -------------------------------------------------------------------
+
+
+@dataclass
+class ManifestTree:
+    """A manifest, its exact bytes, the blobs it references (digest -> size its descriptor
+    declares) and its child manifests (lists and indexes)."""
+
+    digest: Digest
+    media_type: str
+    body: bytes = field(repr=False)
+    blobs: dict[Digest, int] = field(default_factory=dict)
+    children: list[ManifestTree] = field(default_factory=list)
+
+    def walk(self) -> Iterator[ManifestTree]:
+        """Every manifest of the tree, children before their parent."""
+        for child in self.children:
+            yield from child.walk()
+        yield self
+
+    @property
+    def descriptor(self) -> Descriptor:
+        return Descriptor(self.media_type, self.digest, len(self.body))
+
+
+def descriptor_sizes(body: bytes) -> dict[str, tuple[int, str | None]]:
+    """digest -> (size, mediaType) of every descriptor in a manifest or index."""
+    doc = json.loads(body)
+    out: dict[str, tuple[int, str | None]] = {}
+    for d in [doc.get("config"), *doc.get("layers", []), *doc.get("manifests", [])]:
+        if isinstance(d, dict) and isinstance(d.get("digest"), str):
+            size = d.get("size")
+            media_type = d.get("mediaType")
+            out[d["digest"]] = (
+                size if isinstance(size, int) else -1,
+                media_type if isinstance(media_type, str) else None,
+            )
+    return out
+
+
+def tree_from_body(
+    digest: Digest, body: bytes, media_type: str | None
+) -> tuple[ManifestTree, list[tuple[Digest, str | None]]]:
+    """A tree node for ``body`` (children not yet filled) and its children's digests with the
+    media types their descriptors give. ``ManifestInvalid`` if the body cannot be parsed."""
+    parsed = parse_manifest(body, media_type)
+    sizes = descriptor_sizes(body)
+    node = ManifestTree(digest, parsed.media_type, body)
+    node.blobs = {d: sizes.get(str(d), (-1, None))[0] for d in dict.fromkeys(parsed.blobs)}
+    children = [(d, sizes.get(str(d), (-1, None))[1]) for d in dict.fromkeys(parsed.children)]
+    return node, children
+
+
+async def read_store_tree(store: Store, repository: str, digest: Digest) -> ManifestTree:
+    """The tree of manifest ``digest`` in ``repository``; ``Incomplete`` naming every child
+    manifest or blob missing from the store."""
+    missing: list[Digest] = []
+
+    async def visit(d: Digest) -> ManifestTree | None:
+        try:
+            info, body = await store.get_manifest(repository, str(d))
+        except ManifestUnknown:
+            missing.append(d)
+            return None
+        if Digest.of(body, d.algorithm) != d:
+            raise DigestMismatch(f"manifest {d} in the store does not hash to its digest")
+        node, children = tree_from_body(d, body, info.media_type)
+        for blob in node.blobs:
+            size = await store.blob_size(blob)
+            if size is None:
+                missing.append(blob)
+            else:
+                node.blobs[blob] = size
+        found = await asyncio.gather(*(visit(c) for c, _ in children))
+        node.children = [c for c in found if c is not None]
+        return node
+
+    root = await visit(digest)
+    if missing or root is None:
+        names = ", ".join(str(d) for d in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise Incomplete(f"{repository}@{digest} lacks {names}{more}", missing)
+    return root
+
+
+async def repository_roots(store: Store, repository: str) -> tuple[dict[str, Digest], list[Digest]]:
+    """The tags of ``repository`` (tag -> digest) and the manifests reachable only by digest:
+    neither tagged nor a child of another manifest in the repository."""
+    tags: dict[str, Digest] = {}
+    for tag in await store.list_tags(repository):
+        try:
+            tags[tag] = (await store.stat_manifest(repository, tag)).digest
+        except ManifestUnknown:
+            continue
+    revisions: list[Digest] = []
+    for algorithm in ("sha256", "sha512"):
+        try:
+            names = await store.driver.list(f"{paths.revisions_dir(repository)}/{algorithm}")
+        except PathNotFound:
+            continue
+        for name in names:
+            try:
+                revisions.append(Digest.parse(f"{algorithm}:{name}"))
+            except InvalidDigest:
+                continue
+    children: set[Digest] = set()
+    for digest in revisions:
+        try:
+            info, body = await store.get_manifest(repository, str(digest))
+            children.update(parse_manifest(body, info.media_type).children)
+        except (ManifestUnknown, ManifestInvalid):
+            continue
+    tagged = set(tags.values())
+    roots = [d for d in revisions if d not in children and d not in tagged]
+    return tags, roots
+
+
+# ---- writing a layout -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayoutEntry:
+    """One descriptor of ``index.json``."""
+
+    descriptor: Descriptor
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return dict(self.descriptor.annotations or {})
+
+    @property
+    def ref_name(self) -> str | None:
+        return self.annotations.get(REF_NAME)
+
+    @property
+    def repository(self) -> str | None:
+        return self.annotations.get(REPOSITORY_ANNOTATION)
+
+    @property
+    def tag(self) -> str | None:
+        return self.annotations.get(TAG_ANNOTATION)
+
+    @classmethod
+    def for_manifest(
+        cls, repository: str, tag: str | None, tree: ManifestTree, ref_name: str
+    ) -> LayoutEntry:
+        annotations = {REF_NAME: ref_name, REPOSITORY_ANNOTATION: repository}
+        if tag is not None:
+            annotations[TAG_ANNOTATION] = tag
+        d = tree.descriptor
+        return cls(Descriptor(d.media_type, d.digest, d.size, annotations=annotations))
+
+
+class LayoutWriter:
+    """Writes an OCI image layout in ``directory`` (created if needed)."""
+
+    def __init__(self, directory: str) -> None:
+        self.driver = FilesystemDriver(directory)
+        self.directory = self.driver.root
+
+    async def start(self) -> None:
+        await self.put_json("oci-layout", {"imageLayoutVersion": LAYOUT_VERSION})
+
+    async def put_json(self, name: str, doc: Any) -> None:
+        await self.driver.put_content(name, (json.dumps(doc, indent=1) + "\n").encode())
+
+    async def has_blob(self, digest: Digest, size: int) -> bool:
+        """Whether the blob is in the layout under its final name (so verified) with ``size``."""
+        try:
+            return (await self.driver.stat(layout_blob(digest))).size == size
+        except PathNotFound:
+            return False
+
+    async def copy_blob(
+        self, source: AsyncIterator[bytes], digest: Digest, size: int, advance: Advance
+    ) -> None:
+        """Stream ``source`` into the layout, hashing as it goes; rename it into place only if
+        it hashes to ``digest`` and has ``size`` bytes, else raise ``DigestMismatch`` or
+        ``SizeMismatch`` and leave nothing."""
+        hasher = digest.hasher()
+        async with self.driver.writer(layout_blob(digest), hasher=hasher) as writer:
+            async for chunk in source:
+                await writer.write(chunk)
+                advance(len(chunk))
+            _check(digest, hasher.hexdigest(), size, writer.size)
+            await writer.commit()
+
+    async def put_manifest(self, tree: ManifestTree) -> None:
+        if not await self.has_blob(tree.digest, len(tree.body)):
+            await self.driver.put_content(layout_blob(tree.digest), tree.body)
+
+    async def write_index(self, entries: list[LayoutEntry]) -> None:
+        doc = {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [e.descriptor.to_json() for e in entries],
+        }
+        await self.put_json("index.json", doc)
+
+
+def _check(digest: Digest, actual_hex: str, size: int, actual_size: int) -> None:
+    if actual_hex != digest.hex:
+        raise DigestMismatch(f"content of {digest} hashes to {digest.algorithm}:{actual_hex}")
+    if size >= 0 and actual_size != size:
+        raise SizeMismatch(f"{digest} has {actual_size} bytes, not {size}")
+
+
+# ---- reading a layout -------------------------------------------------------------------------
+
+
+class LayoutReader:
+    """Reads an OCI image layout in ``directory``, verifying what it hands out."""
+
+    def __init__(self, directory: str) -> None:
+        self.driver = FilesystemDriver(directory)
+        self.directory = self.driver.root
+
+    async def entries(self) -> list[LayoutEntry]:
+        """The descriptors of ``index.json``; ``LayoutError`` if this is not a layout."""
+        try:
+            marker = json.loads(await self.driver.get_content("oci-layout", 4096))
+            doc = json.loads(await self.driver.get_content("index.json", INDEX_LIMIT))
+        except PathNotFound as e:
+            raise LayoutError(f"{self.directory} is not an OCI image layout (no {e})") from None
+        except ValueError as e:
+            raise LayoutError(
+                f"{self.directory}: unreadable oci-layout or index.json: {e}"
+            ) from None
+        if not isinstance(marker, dict) or not isinstance(marker.get("imageLayoutVersion"), str):
+            raise LayoutError(f"{self.directory}/oci-layout has no imageLayoutVersion")
+        manifests = doc.get("manifests") if isinstance(doc, dict) else None
+        if not isinstance(manifests, list):
+            raise LayoutError(f"{self.directory}/index.json has no manifests list")
+        out = []
+        for i, d in enumerate(manifests):
+            try:
+                annotations = d.get("annotations") or {}
+                out.append(
+                    LayoutEntry(
+                        Descriptor(
+                            str(d["mediaType"]),
+                            Digest.parse(d["digest"]),
+                            int(d["size"]),
+                            annotations={str(k): str(v) for k, v in annotations.items()},
+                        )
+                    )
+                )
+            except (KeyError, TypeError, ValueError, AttributeError, InvalidDigest) as e:
+                raise LayoutError(f"index.json manifests[{i}] is not a descriptor: {e}") from None
+        return out
+
+    async def blob_size(self, digest: Digest) -> int | None:
+        try:
+            return (await self.driver.stat(layout_blob(digest))).size
+        except PathNotFound:
+            return None
+
+    def read_blob(self, digest: Digest) -> AsyncIterator[bytes]:
+        return self.driver.reader(layout_blob(digest), chunk_size=CHUNK)
+
+    async def manifest(self, digest: Digest, limit: int) -> bytes | None:
+        """The manifest's bytes if the layout has it (None if not); ``DigestMismatch`` if they
+        do not hash to ``digest``."""
+        try:
+            body = await self.driver.get_content(layout_blob(digest), limit)
+        except PathNotFound:
+            return None
+        except ValueError:
+            raise ManifestInvalid(f"manifest {digest} is larger than {limit} bytes") from None
+        actual = Digest.of(body, digest.algorithm)
+        if actual != digest:
+            raise DigestMismatch(f"content of {digest} hashes to {actual}")
+        return body
+
+    async def signatures(self) -> list[tuple[str, bytes]]:
+        """(``<alg>=<hex>/signature-N``, bytes) for every signature in the layout."""
+        out = []
+        try:
+            digests = await self.driver.list(_SIGNATURES)
+        except PathNotFound:
+            return []
+        for d in digests:
+            for name in await self.driver.list(f"{_SIGNATURES}/{d}"):
+                rel = f"{d}/{name}"
+                out.append(
+                    (rel, await self.driver.get_content(f"{_SIGNATURES}/{rel}", _SIGNATURE_LIMIT))
+                )
+        return out
+
+
+async def import_blob(
+    store: Store, source: AsyncIterator[bytes], digest: Digest, size: int, advance: Advance
+) -> None:
+    """Stream ``source`` into the store's staging area, hashing as it goes, and move it into
+    the blob pool only if it hashes to ``digest`` (and has ``size`` bytes unless ``size`` is
+    negative). Otherwise raise ``DigestMismatch``/``SizeMismatch``; nothing becomes visible."""
+    staging = _staging(digest)
+    hasher = digest.hasher()
+    async with store.driver.writer(staging, hasher=hasher) as writer:
+        async for chunk in source:
+            await writer.write(chunk)
+            advance(len(chunk))
+        _check(digest, hasher.hexdigest(), size, writer.size)
+        await writer.commit()
+    try:
+        await store.commit_blob(staging, digest)
+    except BaseException:
+        try:
+            await store.driver.delete(staging)
+        except PathNotFound:
+            pass
+        raise
+
+
+async def copy_store_blob(
+    store: Store, writer: LayoutWriter, digest: Digest, size: int, advance: Advance
+) -> None:
+    """Copy a blob of the store into the layout, verified (a corrupt store blob raises)."""
+    if await store.blob_size(digest) is None:
+        raise BlobUnknown(f"blob {digest} is not in the store")
+    await writer.copy_blob(store.read_blob(digest), digest, size, advance)
+
+
+# ---- signatures and import markers ------------------------------------------------------------
+
+
+async def signature_files(
+    store: Store, digests: set[Digest] | None = None
+) -> list[tuple[str, bytes]]:
+    """(``<alg>=<hex>/signature-N``, bytes) kept in the store, for ``digests`` or all."""
+    out = []
+    try:
+        names = await store.driver.list(_SIGNATURES)
+    except PathNotFound:
+        return []
+    for name in names:
+        if digests is not None:
+            algorithm, _, hex_ = name.partition("=")
+            if Digest(algorithm, hex_) not in digests:
+                continue
+        for sig in await store.driver.list(f"{_SIGNATURES}/{name}"):
+            rel = f"{name}/{sig}"
+            out.append(
+                (rel, await store.driver.get_content(f"{_SIGNATURES}/{rel}", _SIGNATURE_LIMIT))
+            )
+    return out
+
+
+async def put_signature(store: Store, rel: str, data: bytes) -> None:
+    directory, _, name = rel.partition("/")
+    algorithm, _, hex_ = directory.partition("=")
+    Digest.parse(f"{algorithm}:{hex_}")  # validates the path segment
+    if not name.startswith("signature-") or not name[len("signature-") :].isdigit():
+        raise LayoutError(f"unexpected signature file {rel}")
+    await store.driver.put_content(f"{_SIGNATURES}/{rel}", data)
+
+
+async def put_layout_signature(writer: LayoutWriter, rel: str, data: bytes) -> None:
+    await writer.driver.put_content(f"{_SIGNATURES}/{rel}", data)
+
+
+def _done_path(export_id: str) -> str:
+    if (
+        not export_id
+        or not all(c.isalnum() or c in "-_." for c in export_id)
+        or export_id[0] == "."
+    ):
+        raise LayoutError(f"invalid export id {export_id!r}")
+    return f"{_DONE}/{export_id}"
+
+
+async def import_done(store: Store, export_id: str) -> bool:
+    """Whether an import of export ``export_id`` completed into this store."""
+    try:
+        await store.driver.stat(_done_path(export_id))
+        return True
+    except PathNotFound:
+        return False
+
+
+async def mark_import_done(store: Store, export_id: str, summary: dict[str, Any]) -> None:
+    await store.driver.put_content(_done_path(export_id), json.dumps(summary).encode())
