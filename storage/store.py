@@ -28,6 +28,7 @@ from .errors import (
     RepositoryUnknown,
 )
 from .manifest import ParsedManifest, parse_manifest
+from .manifest_cache import ManifestCache, stat_key
 from .uploads import Uploads
 
 __all__ = ["Store", "ManifestInfo", "DEFAULT_MANIFEST_LIMIT"]
@@ -53,6 +54,8 @@ class Store:
         self.driver = driver
         self.manifest_limit = manifest_limit
         self.uploads = Uploads(self)
+        self._local = driver.local_path(paths.BLOBS) is not None
+        self._cache = ManifestCache()
 
     # ---- blobs -------------------------------------------------------------------------------
 
@@ -127,6 +130,8 @@ class Store:
 
     async def stat_manifest(self, name: str, reference: str) -> ManifestInfo:
         """Digest, media type and size of a manifest in ``name`` by tag or digest."""
+        if self._local:
+            return (await self.get_manifest(name, reference))[0]
         digest = await self._resolve(name, reference)
         try:
             meta = json.loads(
@@ -139,12 +144,70 @@ class Store:
 
     async def get_manifest(self, name: str, reference: str) -> tuple[ManifestInfo, bytes]:
         """The manifest's exact stored bytes, with its digest and media type."""
+        if self._local:
+            return await self._get_manifest_local(name, reference)
         info = await self.stat_manifest(name, reference)
         try:
             body = await self.driver.get_content(paths.blob(info.digest), self.manifest_limit * 4)
         except PathNotFound:
             raise ManifestUnknown(f"manifest {reference!r} unknown to repository {name}") from None
         return ManifestInfo(info.digest, info.media_type, len(body)), body
+
+    async def _get_manifest_local(self, name: str, reference: str) -> tuple[ManifestInfo, bytes]:
+        """The hot path: a validated cache hit costs one or two stat(2) calls and no thread."""
+        by_tag = not is_digest_reference(reference)
+        if by_tag:
+            try:
+                validate_tag(reference)
+            except InvalidReference:
+                raise ManifestUnknown(
+                    f"manifest {reference!r} unknown to repository {name}"
+                ) from None
+        else:
+            reference = str(Digest.parse(reference))
+        tag_path = self._full(paths.tag(name, reference)) if by_tag else None
+        hit = self._cache.lookup(name, reference, tag_path)
+        if hit is None:
+            loop = asyncio.get_running_loop()
+            hit = await loop.run_in_executor(None, self._load_manifest, name, reference, tag_path)
+        digest, media_type, body = hit
+        return ManifestInfo(Digest.parse(digest), media_type, len(body)), body
+
+    def _full(self, path: str) -> str:
+        full = self.driver.local_path(path)
+        assert full is not None
+        return full
+
+    def _load_manifest(
+        self, name: str, reference: str, tag_path: str | None
+    ) -> tuple[str, str, bytes]:
+        """Read a manifest from the files (in a worker thread) and remember it. Each file's
+        key is taken before it is read (see ``storage.manifest_cache``)."""
+        unknown = ManifestUnknown(f"manifest {reference!r} unknown to repository {name}")
+        tag = None
+        try:
+            if tag_path is not None:
+                tag_key = stat_key(tag_path)
+                with open(tag_path, "rb") as f:
+                    digest = str(Digest.parse(f.read(_META_LIMIT).decode()))
+                if tag_key is None:
+                    raise unknown
+                tag = (reference, tag_path, tag_key)
+            else:
+                digest = reference
+            parsed = Digest.parse(digest)
+            revision_path = self._full(paths.manifest_revision(name, parsed))
+            revision_key = stat_key(revision_path)
+            with open(revision_path, "rb") as f:
+                media_type = json.loads(f.read(_META_LIMIT))["mediaType"]
+            with open(self._full(paths.blob(parsed)), "rb") as f:
+                body = f.read(self.manifest_limit * 4 + 1)
+        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, InvalidDigest):
+            raise unknown from None
+        if revision_key is None:
+            raise unknown
+        self._cache.remember(name, digest, media_type, body, (revision_path, revision_key), tag)
+        return digest, media_type, body
 
     async def put_manifest(
         self,

@@ -280,3 +280,24 @@ async def test_put_with_extra_tags(client) -> None:
     assert r.status == 201
     assert r.headers["OCI-Tag"] == "one, two"
     assert (await (await client.get("/v2/tt/tags/list")).json())["tags"] == ["one", "two"]
+
+
+async def test_cached_tags_and_manifests_follow_other_workers(client, config) -> None:
+    """Worker A caches a tag; worker B (another app on the same root) moves it and deletes a
+    manifest: A sees both at once."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from server.app import make_app
+
+    d1, b1 = await push_image(client, "cw", "t", seed=b"1")
+    for _ in range(2):  # the second read is a cache hit
+        assert await (await client.get("/v2/cw/manifests/t")).read() == b1
+    async with TestClient(TestServer(make_app(config))) as other:
+        d2, b2 = await push_image(other, "cw", "t", seed=b"2")
+        r = await client.get("/v2/cw/manifests/t")
+        assert await r.read() == b2 and r.headers["Docker-Content-Digest"] == d2
+        assert (await client.head(f"/v2/cw/manifests/{d1}")).status == 200
+        assert (await other.delete(f"/v2/cw/manifests/{d1}")).status == 202
+        assert (await client.get(f"/v2/cw/manifests/{d1}")).status == 404
+        assert (await other.delete("/v2/cw/manifests/t")).status == 202
+        assert (await client.get("/v2/cw/manifests/t")).status == 404
