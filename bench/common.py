@@ -577,3 +577,553 @@ def render_table(
     for row in rows:
         lines.append(str(row[0]) if len(row) == 1 else line(cells(row)))
     return "\n".join(lines)
+
+
+# =========================================================================== added for
+# pullthrough.py and mirror.py: measured subprocesses, skopeo, a token-auth upstream, a
+# distribution pull-through proxy, and streaming blob transfer helpers.
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import urllib.parse  # noqa: E402
+import zlib  # noqa: E402
+
+__all__ += [
+    "RunResult",
+    "run_measured",
+    "rusage_wrapper",
+    "Skopeo",
+    "DistributionProxyServer",
+    "TokenUpstream",
+    "blob_traffic",
+    "stream_get",
+    "LayerFile",
+    "write_layer_file",
+    "write_random_file",
+    "import_tests",
+]
+
+
+def import_tests() -> None:
+    """Make ``import tests.upstream`` / ``tests.release`` / ``tests.images`` work from a
+    benchmark script (they live in the repository root, next to bench/)."""
+    root = str(REPO_ROOT)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+@dataclass
+class RunResult:
+    """One finished subprocess: exit status, wall time, its own peak RSS (``ru_maxrss``) and
+    CPU seconds (user + system, its waited-for descendants included)."""
+
+    argv: list[str]
+    returncode: int
+    elapsed: float
+    maxrss_kib: int
+    cpu_s: float
+    stdout_path: Path
+    stderr_path: Path
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr_tail(self, lines: int = 12, width: int = 300) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return "(no stderr)"
+        tail = [t if len(t) <= width else t[:width] + "..." for t in text[-lines:]]
+        return "\n".join(tail) or "(empty stderr)"
+
+    def describe(self) -> str:
+        what = "timed out" if self.timed_out else f"exit status {self.returncode}"
+        return f"{' '.join(self.argv)}: {what}; stderr tail:\n{self.stderr_tail()}"
+
+
+# Why a trampoline: Linux carries the RSS high-water mark of the address space a process had
+# before execve(2) into its ru_maxrss (exec_mmap -> setmax_mm_hiwater_rss), so a command
+# forked straight from this (large) benchmark process reports at least our RSS. A small
+# process forks the command instead and reports its wait4() usage: GNU time (`/usr/bin/time
+# -f`, Debian package "time", ~1 ms per command, 10 ms CPU resolution, RSS floor ~1 MiB) if
+# installed, else this Python script (~15 ms per command, RSS floor ~5 MiB).
+_RUSAGE_TRAMPOLINE = r"""
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+while True:
+    try:
+        _, status, ru = os.wait4(pid, 0)
+        break
+    except InterruptedError:
+        continue
+with open(sys.argv[1], "w") as f:
+    f.write("%d %f %f\n" % (ru.ru_maxrss, ru.ru_utime, ru.ru_stime))
+code = os.waitstatus_to_exitcode(status)
+os._exit(code if code >= 0 else 128 - code)
+"""
+
+
+_gnu_time: str | bool | None = False  # False: not looked up yet
+
+
+def _trampoline(usage_path: Path) -> list[str]:
+    global _gnu_time
+    if _gnu_time is False:
+        _gnu_time = None
+        path = shutil.which("time") or (
+            "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
+        )
+        if path is not None:
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                out = subprocess.run(
+                    [path, "--version"], capture_output=True, text=True, timeout=10
+                )
+                if "GNU" in out.stdout + out.stderr:
+                    _gnu_time = path
+    if isinstance(_gnu_time, str):
+        return [_gnu_time, "-f", "%M %U %S", "-o", str(usage_path)]
+    return [sys.executable, "-I", "-S", "-c", _RUSAGE_TRAMPOLINE, str(usage_path)]
+
+
+def rusage_wrapper() -> str:
+    """What ``run_measured`` reads a command's peak RSS and CPU with."""
+    _trampoline(Path("/dev/null"))
+    return "GNU time" if isinstance(_gnu_time, str) else "a Python wait4 trampoline"
+
+
+def run_measured(
+    argv: Sequence[str],
+    *,
+    out_dir: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 900.0,
+) -> RunResult:
+    """Run ``argv`` to completion, stdout/stderr to ``out_dir/<name>.out|.err`` (overwritten),
+    and report its own peak RSS and CPU time (``wait4``, through a small trampoline process:
+    see ``_RUSAGE_TRAMPOLINE``; the floor of the RSS figure is about 5 MiB). The command runs
+    in its own session; on timeout or Ctrl-C the whole group is killed. A command killed by a
+    signal gets returncode 128 + signal."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out_path, err_path = out_dir / f"{name}.out", out_dir / f"{name}.err"
+    usage_path = out_dir / f"{name}.rusage"
+    usage_path.unlink(missing_ok=True)
+    wrapped = [*_trampoline(usage_path), *argv]
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            wrapped,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+
+    def kill_group() -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    try:
+        try:
+            proc.wait(timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_group()
+            proc.wait()
+    except BaseException:
+        kill_group()
+        proc.wait()
+        raise
+    elapsed = time.perf_counter() - t0
+    maxrss, cpu = 0, 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        # GNU time puts "Command exited with non-zero status N" on a line before the figures
+        fields = usage_path.read_text().strip().splitlines()[-1].split()
+        maxrss, cpu = int(fields[0]), float(fields[1]) + float(fields[2])
+    return RunResult(
+        list(argv), proc.returncode, elapsed, maxrss, cpu, out_path, err_path, timed_out
+    )
+
+
+class Skopeo:
+    """``skopeo`` with a private environment (its own HOME, TMPDIR, registries.conf,
+    registries.d and auth file, the insecure signature policy, TLS verification off for
+    ``docker://`` references: everything here is plain HTTP on loopback), so nothing of the
+    user's container configuration is read or written. As in ``tests.upstream.skopeo_copy``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = require("skopeo")
+        self.workdir = Path(workdir)
+        for sub in ("home", "tmp", "runtime", "registries.d", "logs"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        (self.workdir / "runtime").chmod(0o700)
+        (self.workdir / "registries.conf").write_text("unqualified-search-registries = []\n")
+        self.authfile = self.workdir / "auth.json"
+        self.authfile.write_text('{"auths": {}}\n')
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": str(self.workdir / "home"),
+            "TMPDIR": str(self.workdir / "tmp"),
+            "XDG_RUNTIME_DIR": str(self.workdir / "runtime"),
+            "XDG_CONFIG_HOME": str(self.workdir / "home" / ".config"),
+            "REGISTRY_AUTH_FILE": str(self.authfile),
+            "CONTAINERS_REGISTRIES_CONF": str(self.workdir / "registries.conf"),
+        }
+        self._n = 0
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run(
+                [self.binary, "--version"], capture_output=True, text=True, timeout=10
+            )
+            return out.stdout.split()[-1]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            return "?"
+
+    def copy(
+        self,
+        source: str,
+        destination: str,
+        *args: str,
+        src_creds: tuple[str, str] | None = None,
+        timeout: float = 900.0,
+    ) -> RunResult:
+        """``skopeo copy [args] SOURCE DESTINATION``; see ``RunResult``."""
+        argv = [
+            self.binary,
+            "--insecure-policy",
+            "--registries.d",
+            str(self.workdir / "registries.d"),
+            "copy",
+        ]
+        if source.startswith("docker://"):
+            argv.append("--src-tls-verify=false")
+        if destination.startswith("docker://"):
+            argv.append("--dest-tls-verify=false")
+        if src_creds is not None:
+            argv += ["--src-creds", ":".join(src_creds)]
+        argv += [*args, source, destination]
+        self._n += 1
+        return run_measured(
+            argv,
+            out_dir=self.workdir / "logs",
+            name=f"copy-{self._n % 4}",  # keep the last few
+            env=self.env,
+            timeout=timeout,
+        )
+
+
+DISTRIBUTION_PROXY_CONFIG = """\
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: {host}:{port}
+  secret: bastion-bench-not-a-secret
+health:
+  storagedriver:
+    enabled: false
+proxy:
+  remoteurl: {remote}
+  username: {username}
+  password: {password}
+"""
+
+
+class DistributionProxyServer(DistributionServer):
+    """CNCF distribution as a pull-through cache (``proxy: remoteurl``) of ``remote``,
+    authenticating to it with ``credentials`` (it runs the token flow itself). Clients address
+    the upstream repositories by their own names (``/v2/<repo>/...``)."""
+
+    name = "distribution-proxy"
+
+    def __init__(
+        self,
+        workdir: Path,
+        remote: str,
+        credentials: tuple[str, str],
+        port: int | None = None,
+        binary: str = "docker-registry",
+    ) -> None:
+        super().__init__(workdir, port, binary)
+        self.remote = remote
+        self.credentials = credentials
+        self.label = f"distribution {self.version()} proxy"
+
+    def command(self) -> list[str]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        user, password = self.credentials
+        self.config_path.write_text(
+            DISTRIBUTION_PROXY_CONFIG.format(
+                root=self.root,
+                host=self.host,
+                port=self.port,
+                remote=self.remote,
+                username=json.dumps(user),
+                password=json.dumps(password),
+            )
+        )
+        return [self.binary, "serve", str(self.config_path)]
+
+
+def blob_traffic(entries: Sequence[Any], digest: str = "") -> tuple[int, int]:
+    """(count, bytes) of the blob GETs served (200/206) in distribution access-log entries
+    (``tests.upstream.AccessLogEntry``), only those of ``digest`` if given."""
+    count = size = 0
+    for e in entries:
+        if e.method == "GET" and "/blobs/" in e.path and e.status in (200, 206):
+            if digest and not e.path.endswith(f"/blobs/{digest}"):
+                continue
+            count += 1
+            size += e.size or 0
+    return count, size
+
+
+class TokenUpstream:
+    """The upstream of the pull-through and mirror benchmarks: ``tests.upstream``'s
+    ``TokenService`` (RS256 tokens, user ``puller``, in a thread of this process) and
+    ``DistributionUpstream`` (CNCF distribution 2.8 behind it, access log on) under
+    ``workdir``. A context manager; ``url``, ``host``, ``credentials``, ``access_log()``,
+    ``reset_counts()``, and ``push_blob_file`` / ``push_manifest`` to seed it."""
+
+    def __init__(self, workdir: Path) -> None:
+        import_tests()
+        require("docker-registry")
+        from tests import upstream as up
+
+        self._up = up
+        self.workdir = Path(workdir)
+        self.credentials: tuple[str, str] = up.PULLER
+        self.tokens = up.TokenService(self.workdir / "token")
+        self.registry = up.DistributionUpstream(
+            self.workdir / "upstream", self.tokens, binary=shutil.which("docker-registry") or ""
+        )
+        self.client = up.RegistryClient("http://127.0.0.1:1", self.credentials)  # url set later
+        self.label = "distribution upstream"
+
+    def __enter__(self) -> TokenUpstream:
+        self.tokens.start()
+        try:
+            self.registry.start()
+        except BaseException:
+            self.tokens.stop()
+            raise
+        self.client = self._up.RegistryClient(self.registry.url, self.credentials, timeout=600)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.registry.stop()
+        finally:
+            self.tokens.stop()
+
+    @property
+    def url(self) -> str:
+        return str(self.registry.url)
+
+    @property
+    def host(self) -> str:
+        return str(self.registry.host)
+
+    @property
+    def pid(self) -> int | None:
+        proc = self.registry._process
+        return proc.pid if proc is not None else None
+
+    def write_authfile(self, path: Path, host: str) -> Path:
+        """An auth.json with the credentials filed under ``host`` (e.g. ``quay.io``)."""
+        return Path(self._up.write_authfile(path, {host: self.credentials}))
+
+    def reset_counts(self) -> None:
+        self.registry.reset_counts()
+
+    def access_log(self) -> list[Any]:
+        return list(self.registry.access_log())
+
+    def log_tail(self, lines: int = 20) -> str:
+        return str(self.registry.log_tail(lines))
+
+    def _token(self, repo: str) -> str:
+        answer = self.client.fetch_token(
+            self.tokens.realm, self.tokens.service, f"repository:{repo}:pull,push"
+        )
+        if answer.status != 200:
+            raise BenchError(f"token service answered {answer.status} for a push token")
+        doc = answer.json()
+        return str(doc.get("token") or doc["access_token"])
+
+    def push_blob_file(self, repo: str, path: Path, digest: str) -> None:
+        """Upload the file at ``path`` (whose digest is ``digest``) to ``repo``, streamed with
+        sendfile(2): POST, then one PUT ?digest=. Skipped if the upstream has it."""
+        if self.client.request("HEAD", f"/v2/{repo}/blobs/{digest}").status == 200:
+            return
+        auth = {"Authorization": f"Bearer {self._token(repo)}"}
+        conn = http.client.HTTPConnection("127.0.0.1", self.registry.port, timeout=600)
+        try:
+            conn.request("POST", f"/v2/{repo}/blobs/uploads/", headers=auth)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 202:
+                raise BenchError(f"upstream: POST upload to {repo}: HTTP {resp.status}")
+            loc = urllib.parse.urlsplit(resp.getheader("Location", ""))
+            target = loc.path + "?" + (loc.query + "&" if loc.query else "")
+            target += "digest=" + urllib.parse.quote(digest)
+            size = path.stat().st_size
+            conn.putrequest("PUT", target, skip_accept_encoding=True)
+            for k, v in {
+                **auth,
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size),
+            }.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            assert conn.sock is not None
+            with open(path, "rb") as f:
+                conn.sock.sendfile(f, 0, size)
+            resp = conn.getresponse()
+            body = resp.read(500)
+            if resp.status != 201:
+                raise BenchError(f"upstream: PUT {digest} to {repo}: HTTP {resp.status} {body!r}")
+        finally:
+            conn.close()
+
+    def push_blob(self, repo: str, data: bytes) -> str:
+        return str(self.client.push_blob(repo, data))
+
+    def push_manifest(self, repo: str, reference: str | None, data: bytes, media_type: str) -> str:
+        return str(self.client.push_manifest(repo, reference, data, media_type))
+
+
+def stream_get(
+    base_url: str,
+    path: str,
+    *,
+    expect_size: int | None = None,
+    digest: str | None = None,
+    timeout: float = 600.0,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, float]:
+    """GET ``base_url + path`` into a 1 MiB buffer (nothing kept); (bytes, seconds to the first
+    body byte). Raises ``BenchError`` on a non-200 answer, a byte count other than
+    ``expect_size``, or (if ``digest`` is given) content with another sha256."""
+    u = urllib.parse.urlsplit(base_url)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port or 80, timeout=timeout)
+    h = hashlib.sha256() if digest else None
+    t0 = time.perf_counter()
+    first = 0.0
+    try:
+        conn.request("GET", path, headers={"Accept-Encoding": "identity", **(headers or {})})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            body = resp.read(400).decode(errors="replace").strip()
+            raise BenchError(f"GET {base_url}{path}: HTTP {resp.status} {body}")
+        view = memoryview(bytearray(MiB))
+        total = 0
+        while n := resp.readinto(view):
+            if not total:
+                first = time.perf_counter() - t0
+            total += n
+            if h is not None:
+                h.update(view[:n])
+    finally:
+        conn.close()
+    if expect_size is not None and total != expect_size:
+        raise BenchError(f"GET {base_url}{path}: {total} bytes, expected {expect_size}")
+    if h is not None and digest is not None and f"sha256:{h.hexdigest()}" != digest:
+        raise BenchError(f"GET {base_url}{path}: content has sha256:{h.hexdigest()}")
+    return total, first
+
+
+def write_random_file(path: Path, size: int, seed: str) -> str:
+    """``size`` seeded pseudo-random bytes (incompressible, like a compressed layer) at
+    ``path``, written in 1 MiB pieces; returns the sha256 digest."""
+    rng = random.Random(seed)
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        remaining = size
+        while remaining:
+            block = rng.randbytes(min(MiB, remaining))
+            f.write(block)
+            h.update(block)
+            remaining -= len(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class LayerFile:
+    """A gzip tar layer written to a file: its digest, size and ``diff_id``."""
+
+    path: Path
+    digest: str
+    size: int
+    diff_id: str
+
+
+def write_layer_file(
+    path: Path, payload_size: int, seed: str, name: str = "payload.bin"
+) -> LayerFile:
+    """A valid gzip-compressed tar layer holding one file of ``payload_size`` seeded
+    pseudo-random bytes, streamed to ``path`` (deflate level 0: random bytes do not compress,
+    and level 0 writes at memory speed). Deterministic for (payload_size, seed, name)."""
+    import tarfile
+
+    info = tarfile.TarInfo(f"opt/bench/{name}")
+    info.size, info.mode, info.mtime, info.uid, info.gid = payload_size, 0o644, 1704067200, 0, 0
+    info.uname = info.gname = "root"
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    tar_len = len(header) + payload_size + (-payload_size % 512) + 1024
+    trailer_len = -tar_len % tarfile.RECORDSIZE + 1024 + (-payload_size % 512)
+    diff = hashlib.sha256()
+    comp = hashlib.sha256()
+    gz = zlib.compressobj(0, zlib.DEFLATED, 31)  # gzip wrapper, mtime 0
+    size = 0
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+
+        def put(raw: bytes) -> None:
+            nonlocal size
+            diff.update(raw)
+            out = gz.compress(raw)
+            if out:
+                comp.update(out)
+                f.write(out)
+                size += len(out)
+
+        put(header)
+        remaining = payload_size
+        while remaining:
+            block = rng.randbytes(min(MiB, remaining))
+            put(block)
+            remaining -= len(block)
+        put(bytes(trailer_len))
+        out = gz.flush()
+        comp.update(out)
+        f.write(out)
+        size += len(out)
+    return LayerFile(path, f"sha256:{comp.hexdigest()}", size, f"sha256:{diff.hexdigest()}")
