@@ -127,6 +127,7 @@ class Mirror:
         if root is None:
             raise MirrorError("mirroring needs the filesystem store")
         self.fills = Fills(root.rsplit("/", 1)[0])
+        self._fetched: set[Digest] = set()  # blobs counted in the summary this run
         self._blob_slots = asyncio.Semaphore(self.concurrency)
         self._manifest_slots = asyncio.Semaphore(self.concurrency * 2)
 
@@ -264,7 +265,8 @@ class Mirror:
         blobs = self.blobs_of(jobs)
         todo = await self.missing(blobs)
         for digest, (size, _) in blobs.items():
-            if digest not in todo:
+            if digest not in todo and digest not in self._fetched:
+                self._fetched.add(digest)  # counted once per run, as present
                 self.summary.blobs_present += 1
                 self.summary.bytes_present += size
         self.progress.start_bytes(sum(size for size, _ in todo.values()))
@@ -297,6 +299,7 @@ class Mirror:
                 ) from None
             except (UpstreamError, FillFailed) as e:
                 raise MirrorError(f"blob {digest} of {job.source}: {e}") from None
+        self._fetched.add(digest)
         self.summary.blobs_fetched += 1
         self.summary.bytes_fetched += fetched
         self.progress.advance_bytes(fetched)

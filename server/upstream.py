@@ -101,6 +101,7 @@ class UpstreamClient:
         self.host = config.host
         self._session: aiohttp.ClientSession | None = None
         self._tokens: dict[str, _Token] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._credentials: dict[str, Credentials] | None = None
 
@@ -162,6 +163,15 @@ class UpstreamClient:
         cached = self._tokens.get(scope)
         if cached is not None and cached.expires > time.monotonic():
             return cached.value
+        # one token request per scope however many requests need it at once
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            cached = self._tokens.get(scope)
+            if cached is not None and cached.expires > time.monotonic():
+                return cached.value
+            return await self._fetch_token(repository, params, scope)
+
+    async def _fetch_token(self, repository: str, params: dict[str, str], scope: str) -> str:
         realm = params.get("realm")
         if not realm:
             raise UpstreamAuthError(f"upstream {self.host}: Bearer challenge without a realm")

@@ -183,3 +183,25 @@ def test_refused_credentials_are_logged_not_shown(
         assert str(bad) in log and "puller" in log and "refused the credentials" in log
     finally:
         stop_registry(server)
+
+
+def test_concurrent_misses_share_one_token_request(
+    tmp_path: Path,
+    distribution_upstream: DistributionUpstream,
+    token_service: TokenService,
+    upstream_client: RegistryClient,
+    pull_secret: Path,
+) -> None:
+    digests = [upstream_client.push_blob(ART_DEV, os.urandom(5000)) for _ in range(12)]
+    server = start_registry(
+        tmp_path / "one", cache_config(distribution_upstream, pull_secret), workers=1
+    )
+    try:
+        token_service.reset()
+        url = f"http://{server.addr}/v2/{QUAY_ART_DEV}/blobs/"
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            statuses = [s for s, _, _ in pool.map(lambda d: get(url + d), digests)]
+        assert statuses == [200] * 12
+        assert token_service.count(scope_substring=ART_DEV) == 1
+    finally:
+        stop_registry(server)
