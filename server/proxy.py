@@ -32,6 +32,7 @@ from storage.digest import is_digest_reference
 from storage.fill import BlobSource, Fetch, Fills, SourceMissing
 
 from .config import Config
+from .context import PROXY
 from .errors import OCIError
 from .upstream import (
     UpstreamAuthError,
@@ -312,8 +313,6 @@ def refuse_write(name: str, sources: list[Source]) -> OCIError:
 
 def proxied(request: web.Request, name: str) -> tuple[Proxy, list[Source]] | None:
     """The proxy and the sources of ``name`` if it is a pull-through repository."""
-    from .context import PROXY
-
     proxy = request.app.get(PROXY)
     if proxy is None:
         return None

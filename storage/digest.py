@@ -8,6 +8,7 @@ exact encoded lengths, lowercase hex.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -40,8 +41,10 @@ _DIGEST_RE: Final = re.compile(r"([a-z0-9]+(?:[+._-][a-z0-9]+)*):([a-zA-Z0-9=_-]
 MAX_NAME_LENGTH: Final = 255
 
 
+@functools.lru_cache(maxsize=4096)
 def validate_name(name: str) -> str:
-    """Return ``name`` if it is a valid repository name, else raise ``InvalidName``."""
+    """Return ``name`` if it is a valid repository name, else raise ``InvalidName``.
+    (Valid names are remembered: the same few repositories are asked for all day.)"""
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidName(f"repository name longer than {MAX_NAME_LENGTH} characters")
     if not _NAME_RE.fullmatch(name):
@@ -70,6 +73,10 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
+        return _parse_digest(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> Digest:
         m = _DIGEST_RE.fullmatch(text)
         if m is None:
             raise InvalidDigest(f"invalid digest {text!r}")
@@ -114,3 +121,9 @@ class Descriptor:
         if self.annotations:
             out["annotations"] = self.annotations
         return out
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_digest(text: str) -> Digest:
+    """``Digest._parse`` remembered: digests are frozen values and the same ones recur."""
+    return Digest._parse(text)

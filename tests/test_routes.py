@@ -64,3 +64,34 @@ async def test_head_errors_have_no_body(client) -> None:
     r = await client.head(f"/v2/x/blobs/{digest_of(b'none')}")
     assert r.status == 404
     assert await r.read() == b""
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v2/", ("base", {})),
+        ("/v2", ("base", {})),
+        ("/v2/_catalog", ("catalog", {})),
+        ("/v2/a/b/manifests/latest", ("manifests", {"name": "a/b", "reference": "latest"})),
+        (
+            "/v2/a/manifests/b/manifests/c",
+            ("manifests", {"name": "a/manifests/b", "reference": "c"}),
+        ),
+        ("/v2/a/blobs/sha256:x", ("blobs", {"name": "a", "digest": "sha256:x"})),
+        ("/v2/a/blobs/uploads/", ("uploads", {"name": "a", "upload": ""})),
+        ("/v2/a/blobs/uploads", ("uploads", {"name": "a", "upload": ""})),
+        ("/v2/a/blobs/uploads/123-abc", ("uploads", {"name": "a", "upload": "123-abc"})),
+        ("/v2/x/blobs/uploads/blobs/d", ("blobs", {"name": "x/blobs/uploads", "digest": "d"})),
+        ("/v2/a/b/tags/list", ("tags", {"name": "a/b"})),
+        ("/v2/tags/list", None),
+        ("/v2/a/referrers/sha256:x", ("referrers", {"name": "a", "digest": "sha256:x"})),
+        ("/v2/a/manifests/", None),
+        ("/v2/a/nothing/here", None),
+        ("/v2/manifests/x", None),
+        ("/other", None),
+    ],
+)
+def test_route(path: str, expected: object) -> None:
+    from server.app import route
+
+    assert route(path) == expected
