@@ -11,12 +11,15 @@ import asyncio
 import logging
 import os
 import sys
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from storage import StoreError, validate_name
 
 from .config import Config, ConfigError, load_config, parse_size
 from .serve import ServeError, serve
+
+if TYPE_CHECKING:
+    from .ferry import ImportOptions
 
 __all__ = ["main"]
 
@@ -84,6 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--repo", metavar="NAME", help="repository for entries that name none (other tools)"
     )
     im.add_argument("--concurrency", metavar="N", type=int, default=4, help="blobs copied at once")
+    im.add_argument(
+        "--out-dir", metavar="DIR", help="also write the mirror configuration files here"
+    )
+    im.add_argument(
+        "--to",
+        metavar="REGISTRY[/PREFIX]",
+        help="push into this registry over the OCI API instead of the store; each repository "
+        "keeps its original path under PREFIX (quay.io/a/b -> REGISTRY/PREFIX/quay.io/a/b)",
+    )
+    im.add_argument("--authfile", metavar="FILE", help="auth.json with credentials for --to")
+    im.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to --to")
+    im.add_argument(
+        "--no-tls-verify", action="store_true", help="do not verify the TLS certificate of --to"
+    )
+    im.add_argument("--ca-file", metavar="FILE", help="CA bundle for the TLS certificate of --to")
+    im.add_argument(
+        "--chunk-size",
+        metavar="SIZE",
+        help="upload blobs larger than SIZE in chunks of SIZE (default: one PUT per blob)",
+    )
     return parser
 
 
@@ -150,15 +173,47 @@ def _run_mirror(args: argparse.Namespace, config: Config) -> int:
         return 1
 
 
+def _import_options(args: argparse.Namespace) -> ImportOptions:
+    from .ferry import ImportOptions
+
+    if not os.path.isdir(args.source):
+        raise ConfigError(f"{args.source} is not a directory")
+    options = ImportOptions(args.source, args.repo, args.concurrency, args.out_dir)
+    remote = [args.authfile, args.plain_http, args.no_tls_verify, args.ca_file, args.chunk_size]
+    if args.to is None:
+        if any(remote):
+            raise ConfigError(
+                "--authfile, --plain-http, --no-tls-verify, --ca-file and "
+                "--chunk-size only apply with --to"
+            )
+        return options
+    host, _, prefix = args.to.partition("/")
+    if not host or host.startswith(("http:", "https:")):
+        raise ConfigError(f"--to {args.to}: give REGISTRY[/PREFIX], e.g. quay.example.com/ocp")
+    if prefix:
+        try:
+            validate_name(prefix)
+        except StoreError as e:
+            raise ConfigError(f"--to: {e}") from None
+    for name, path in (("--authfile", args.authfile), ("--ca-file", args.ca_file)):
+        if path and not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"{name} {path} not found")
+    options.to = args.to
+    options.authfile = args.authfile
+    options.plain_http = args.plain_http
+    options.tls_verify = not args.no_tls_verify
+    options.ca_file = args.ca_file
+    if args.chunk_size:
+        options.chunk_size = parse_size(args.chunk_size, "--chunk-size")
+        if options.chunk_size < 1 << 20:
+            raise ConfigError("--chunk-size must be at least 1MiB")
+    return options
+
+
 def _run_ferry(args: argparse.Namespace, config: Config) -> int:
-    from .ferry import (
-        ExportOptions,
-        FerryError,
-        FerryProgress,
-        ImportOptions,
-        export_store,
-        import_layout,
-    )
+    from .export import export_store
+    from .ferry import ExportOptions, FerryError, FerryProgress
+    from .import_ import import_layout
 
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
@@ -178,13 +233,7 @@ def _run_ferry(args: argparse.Namespace, config: Config) -> int:
                 )
                 line = asyncio.run(export_store(config, options, progress))
             else:
-                if not os.path.isdir(args.source):
-                    raise ConfigError(f"{args.source} is not a directory")
-                line = asyncio.run(
-                    import_layout(
-                        config, ImportOptions(args.source, args.repo, args.concurrency), progress
-                    )
-                )
+                line = asyncio.run(import_layout(config, _import_options(args), progress))
         except FerryError as e:
             for failure in e.lines:
                 print(f"bastion: {failure}", file=sys.stderr)

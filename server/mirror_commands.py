@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from storage import Digest, FilesystemDriver, Store, StoreError
+from storage import layout as oci
 
 from . import signatures as sigs
 from . import snippets
@@ -25,9 +26,13 @@ from .release import ARCHES, ReleaseError, read_payload
 from .signatures import SignatureError
 from .upstream import UpstreamError
 
-__all__ = ["MirrorOptions", "mirror_release", "mirror_images", "CommandError"]
+__all__ = ["MIRROR_MAP", "MirrorOptions", "mirror_release", "mirror_images", "CommandError"]
 
 log = logging.getLogger("bastion.mirror")
+
+#: Kept beside the configuration files: the map they were rendered from (JSON), so that
+#: ``bastion import --to`` can render them again for the registry it pushes to.
+MIRROR_MAP = "mirror-map.json"
 
 
 class CommandError(Exception):
@@ -117,6 +122,17 @@ def _mirror_map(name: str, host: str, jobs: list[ImageJob]) -> snippets.MirrorMa
     return m
 
 
+async def _keep_config(
+    store: Store, m: snippets.MirrorMap, host: str, files: dict[str, str], insecure: bool
+) -> None:
+    """Keep the configuration in the store (``mirror-config/<name>/``, replacing an earlier
+    run's) so that ``bastion export`` carries it across the air gap."""
+    kept = {name: text.encode() for name, text in files.items()}
+    doc = {"name": m.name, "host": host, "insecure": insecure, "digests": m.digests, "tags": m.tags}
+    kept[MIRROR_MAP] = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+    await oci.keep_mirror_config(store, m.name, kept)
+
+
 def _wrap_errors(exc: BaseException) -> CommandError:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return CommandError(f"disk full writing to the store: {exc.filename or ''}".rstrip())
@@ -192,6 +208,7 @@ async def _mirror_release(
         if options.out_dir:
             sigs.write_files(options.out_dir, root.digest, signatures)
         files["signature-configmap.yaml"] = sigs.configmap(root.digest, signatures)
+    await _keep_config(store, sources, host, files, options.insecure)
     out = sys.stdout
     out.write("Success\n")
     tag = f":{release_job.tags[0]}" if release_job.tags else ""
@@ -248,9 +265,12 @@ async def mirror_images(config: Config, sources: Sequence[str], options: MirrorO
         finally:
             await mirror.close()
     host = options.mirror_host or default_mirror_host(config)
+    mirror_map = _mirror_map("bastion-images", host, jobs)
+    files = snippets.render(mirror_map, insecure=options.insecure)
+    try:
+        await _keep_config(store, mirror_map, host, files, options.insecure)
+    except (StoreError, OSError) as e:
+        raise _wrap_errors(e) from None
     sys.stdout.write(f"Success\nSummary: {mirror.summary.line()}\n")
-    _emit(
-        options,
-        snippets.render(_mirror_map("bastion-images", host, jobs), insecure=options.insecure),
-    )
+    _emit(options, files)
     return 0

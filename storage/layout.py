@@ -11,14 +11,16 @@ A layout written here::
       blobs/<alg>/<hex>                   layers, configs and manifests (list children too),
                                           one copy for every repository
       signatures/<alg>=<hex>/signature-N  release signatures kept in the store
+      mirror-config/<name>/<file>         the mirror configuration ``bastion mirror`` wrote
+                                          (registries.conf, IDMS, ...), as kept in the store
 
 Every file is written to a hidden temporary name, fsynced and renamed (the filesystem driver's
 write session), and a blob only after its bytes hashed to its digest: a blob present under its
 final name is complete and verified, which is what lets an interrupted export resume.
 
-Imported content passes through the store (``<root>/imports/staging/``) and reaches the blob
-pool only once verified; a completed import leaves ``<root>/imports/done/<export id>`` so an
-increment can check that its base is there.
+Imported content passes through the store's staging area (``storage.paths.import_staging``) and
+reaches the blob pool only once verified; a completed import leaves a marker
+(``storage.paths.import_done``) so an increment can check that its base is there.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any, Final
 
 from . import paths
 from .digest import Descriptor, Digest
-from .driver import FilesystemDriver, PathNotFound
+from .driver import FilesystemDriver, PathNotFound, StorageDriver
 from .errors import (
     BlobUnknown,
     DigestMismatch,
@@ -62,6 +64,11 @@ __all__ = [
     "import_done",
     "mark_import_done",
     "signature_files",
+    "mirror_config_files",
+    "put_mirror_config",
+    "keep_mirror_config",
+    "MIRROR_CONFIG",
+    "check_mirror_config_name",
 ]
 
 LAYOUT_VERSION: Final = "1.0.0"
@@ -76,8 +83,10 @@ INDEX_LIMIT: Final = 64 * 1024 * 1024
 CHUNK: Final = 1 << 20
 _SIGNATURES: Final = "signatures"
 _SIGNATURE_LIMIT: Final = 64 * 1024
-_STAGING: Final = "imports/staging"
-_DONE: Final = "imports/done"
+#: Layout directory of the mirror configuration (the same name as in the store).
+MIRROR_CONFIG: Final = paths.MIRROR_CONFIG
+#: Each mirror configuration file (YAML snippets, a JSON map) is a few KiB to a few MiB.
+_MIRROR_CONFIG_LIMIT: Final = 16 * 1024 * 1024
 
 Advance = Callable[[int], None]
 
@@ -99,7 +108,7 @@ def layout_blob(digest: Digest) -> str:
 
 
 def _staging(digest: Digest) -> str:
-    return f"{_STAGING}/{digest.algorithm}-{digest.hex}-{uuid.uuid4().hex}"
+    return paths.import_staging(digest, uuid.uuid4().hex)
 
 
 # ---- manifests in the store -------------------------------------------------------------------
@@ -378,18 +387,15 @@ class LayoutReader:
 
     async def signatures(self) -> list[tuple[str, bytes]]:
         """(``<alg>=<hex>/signature-N``, bytes) for every signature in the layout."""
-        out = []
-        try:
-            digests = await self.driver.list(_SIGNATURES)
-        except PathNotFound:
-            return []
-        for d in digests:
-            for name in await self.driver.list(f"{_SIGNATURES}/{d}"):
-                rel = f"{d}/{name}"
-                out.append(
-                    (rel, await self.driver.get_content(f"{_SIGNATURES}/{rel}", _SIGNATURE_LIMIT))
-                )
-        return out
+        return await _two_level_files(self.driver, _SIGNATURES, _SIGNATURE_LIMIT)
+
+    async def mirror_config(self) -> list[tuple[str, bytes]]:
+        """(``<name>/<file>``, bytes) for every mirror configuration file in the layout;
+        ``LayoutError`` for a name that could not have been written by an export."""
+        found = await _two_level_files(self.driver, MIRROR_CONFIG, _MIRROR_CONFIG_LIMIT)
+        for rel, _ in found:
+            check_mirror_config_name(rel)
+        return found
 
 
 async def import_blob(
@@ -428,26 +434,39 @@ async def copy_store_blob(
 # ---- signatures and import markers ------------------------------------------------------------
 
 
+async def _two_level_files(
+    driver: StorageDriver, top: str, limit: int, keep: Callable[[str], bool] | None = None
+) -> list[tuple[str, bytes]]:
+    """(``<dir>/<file>``, bytes) of every file two levels under ``top`` (none if ``top`` is
+    absent), only directories for which ``keep`` is true if given."""
+    out = []
+    try:
+        directories = await driver.list(top)
+    except PathNotFound:
+        return []
+    for directory in directories:
+        if keep is not None and not keep(directory):
+            continue
+        try:
+            names = await driver.list(f"{top}/{directory}")
+        except PathNotFound:
+            continue
+        for name in names:
+            rel = f"{directory}/{name}"
+            out.append((rel, await driver.get_content(f"{top}/{rel}", limit)))
+    return out
+
+
 async def signature_files(
     store: Store, digests: set[Digest] | None = None
 ) -> list[tuple[str, bytes]]:
     """(``<alg>=<hex>/signature-N``, bytes) kept in the store, for ``digests`` or all."""
-    out = []
-    try:
-        names = await store.driver.list(_SIGNATURES)
-    except PathNotFound:
-        return []
-    for name in names:
-        if digests is not None:
-            algorithm, _, hex_ = name.partition("=")
-            if Digest(algorithm, hex_) not in digests:
-                continue
-        for sig in await store.driver.list(f"{_SIGNATURES}/{name}"):
-            rel = f"{name}/{sig}"
-            out.append(
-                (rel, await store.driver.get_content(f"{_SIGNATURES}/{rel}", _SIGNATURE_LIMIT))
-            )
-    return out
+
+    def wanted(name: str) -> bool:
+        algorithm, _, hex_ = name.partition("=")
+        return digests is None or Digest(algorithm, hex_) in digests
+
+    return await _two_level_files(store.driver, _SIGNATURES, _SIGNATURE_LIMIT, wanted)
 
 
 async def put_signature(store: Store, rel: str, data: bytes) -> None:
@@ -463,14 +482,48 @@ async def put_layout_signature(writer: LayoutWriter, rel: str, data: bytes) -> N
     await writer.driver.put_content(f"{_SIGNATURES}/{rel}", data)
 
 
+def _plain_name(text: str) -> bool:
+    """Letters, digits, ``-_.``, not starting with a dot: safe as one path segment."""
+    return bool(text) and all(c.isalnum() or c in "-_." for c in text) and text[0] != "."
+
+
 def _done_path(export_id: str) -> str:
-    if (
-        not export_id
-        or not all(c.isalnum() or c in "-_." for c in export_id)
-        or export_id[0] == "."
-    ):
+    if not _plain_name(export_id):
         raise LayoutError(f"invalid export id {export_id!r}")
-    return f"{_DONE}/{export_id}"
+    return paths.import_done(export_id)
+
+
+def check_mirror_config_name(rel: str) -> tuple[str, str]:
+    """(name, file) of ``<name>/<file>``; ``LayoutError`` unless both are plain names."""
+    name, _, file = rel.partition("/")
+    if not _plain_name(name) or not _plain_name(file):
+        raise LayoutError(f"unexpected mirror configuration file {rel!r}")
+    return name, file
+
+
+async def mirror_config_files(store: Store) -> list[tuple[str, bytes]]:
+    """(``<name>/<file>``, bytes) of every mirror configuration kept in the store."""
+    return await _two_level_files(store.driver, MIRROR_CONFIG, _MIRROR_CONFIG_LIMIT, _plain_name)
+
+
+async def put_mirror_config(driver: StorageDriver, rel: str, data: bytes) -> None:
+    """Write ``<name>/<file>`` under ``mirror-config/`` of a store's or a layout's driver."""
+    name, file = check_mirror_config_name(rel)
+    await driver.put_content(paths.mirror_config(name, file), data)
+
+
+async def keep_mirror_config(store: Store, name: str, files: dict[str, bytes]) -> None:
+    """Replace the mirror configuration ``name`` in the store by ``files`` (file -> bytes)."""
+    if not _plain_name(name):
+        raise LayoutError(f"invalid mirror configuration name {name!r}")
+    for file in files:
+        check_mirror_config_name(f"{name}/{file}")
+    try:
+        await store.driver.delete(paths.mirror_config_dir(name))
+    except PathNotFound:
+        pass
+    for file, data in files.items():
+        await store.driver.put_content(paths.mirror_config(name, file), data)
 
 
 async def import_done(store: Store, export_id: str) -> bool:

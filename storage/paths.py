@@ -18,6 +18,17 @@
       proxy/<alg>/<hex>.<token>                       its state; the bytes as they arrive
                                                       (``storage.fill``)
       signatures/<alg>=<hex>/signature-N              release signatures kept for export
+      mirror-config/<name>/<file>                     the mirror configuration ``bastion mirror``
+                                                      printed (registries.conf, IDMS, ...) and
+                                                      its ``mirror-map.json``, kept for export;
+                                                      <name> as in the IDMS metadata.name
+      imports/staging/<alg>-<hex>-<token>             an imported blob being written and hashed;
+                                                      moved into blobs/ only once it matches
+      imports/unpack-<token>/                         scratch of an import from tar volumes
+                                                      (``layout/`` and ``staging/``), removed
+                                                      at the end
+      imports/done/<export id>                        a completed import of that export (JSON),
+                                                      so an increment can check its base
 
 Repository names are validated (``storage.digest.validate_name``) before they reach these
 functions: no component can start with ``_`` or be ``..``, so a name never collides with the
@@ -47,11 +58,21 @@ __all__ = [
     "upload_dir",
     "upload_info",
     "upload_data",
+    "IMPORTS",
+    "MIRROR_CONFIG",
+    "import_staging_dir",
+    "import_staging",
+    "import_unpack",
+    "import_done",
+    "mirror_config_dir",
+    "mirror_config",
 ]
 
 BLOBS: Final = "blobs"
 REPOSITORIES: Final = "repositories"
 UPLOADS: Final = "uploads"
+IMPORTS: Final = "imports"
+MIRROR_CONFIG: Final = "mirror-config"
 
 
 def blob(digest: Digest) -> str:
@@ -104,3 +125,29 @@ def upload_info(upload_id: str) -> str:
 
 def upload_data(upload_id: str) -> str:
     return f"{UPLOADS}/{upload_id}/data"
+
+
+def import_staging_dir() -> str:
+    return f"{IMPORTS}/staging"
+
+
+def import_staging(digest: Digest, token: str) -> str:
+    return f"{IMPORTS}/staging/{digest.algorithm}-{digest.hex}-{token}"
+
+
+def import_unpack(token: str) -> str:
+    return f"{IMPORTS}/unpack-{token}"
+
+
+def import_done(export_id: str) -> str:
+    """``export_id`` must be validated by the caller (``storage.layout``)."""
+    return f"{IMPORTS}/done/{export_id}"
+
+
+def mirror_config_dir(name: str) -> str:
+    return f"{MIRROR_CONFIG}/{name}"
+
+
+def mirror_config(name: str, file: str) -> str:
+    """``name`` and ``file`` must be validated by the caller (``storage.layout``)."""
+    return f"{MIRROR_CONFIG}/{name}/{file}"

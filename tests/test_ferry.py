@@ -15,6 +15,7 @@ import pytest
 
 from server.cli import main
 from storage import Digest, FilesystemDriver, Store, paths
+from storage import layout as oci
 from tests.release import (
     COMPONENT_SOURCE,
     DOCKER_LIST_COMPONENT,
@@ -281,6 +282,17 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     os.makedirs(tmp_path / "empty")
     assert bastion("import", str(tmp_path / "empty"), "--root", str(tmp_path / "r")) == 1
     assert "not an OCI image layout" in capsys.readouterr().err
+    empty = str(tmp_path / "empty")
+    assert bastion("import", empty, "--plain-http") == 2
+    assert "only apply with --to" in capsys.readouterr().err
+    assert bastion("import", empty, "--to", "https://quay.example.com/ocp") == 2
+    assert "give REGISTRY[/PREFIX]" in capsys.readouterr().err
+    assert bastion("import", empty, "--to", "quay.example.com/Bad") == 2
+    assert "--to: invalid repository name" in capsys.readouterr().err
+    assert bastion("import", empty, "--to", "q.example.com", "--authfile", empty + "/x") == 2
+    assert "--authfile" in capsys.readouterr().err
+    assert bastion("import", empty, "--to", "q.example.com", "--chunk-size", "4KiB") == 2
+    assert "--chunk-size must be at least" in capsys.readouterr().err
 
 
 def test_split_volumes_round_trip_and_a_damaged_volume(
@@ -331,3 +343,44 @@ def test_split_volumes_round_trip_and_a_damaged_volume(
     assert str(victim) in err
     assert not (c / "blobs/sha256" / victim.hex[:2] / victim.hex).exists()
     assert hashlib.sha256(biggest).hexdigest() == victim.hex
+
+
+def test_mirror_configuration_travels_with_the_export(
+    releases: list[Release], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    release = releases[0]
+    store = seed(tmp_path / "a", release)
+    host = "bastion.example:5000"
+
+    def mirror_map(name: str, repo: str) -> bytes:
+        doc = {"name": name, "host": host, "digests": {repo: f"{host}/{repo}"}, "tags": {}}
+        return json.dumps(doc).encode()
+
+    async def keep() -> None:  # as `bastion mirror` keeps it
+        await oci.keep_mirror_config(
+            store,
+            "release-4.99.0",
+            {"registries.conf": b"conf", "mirror-map.json": mirror_map("x", RELEASE_SOURCE)},
+        )
+        await oci.keep_mirror_config(
+            store, "other", {"registries.conf": b"other", "mirror-map.json": mirror_map("y", "a/b")}
+        )
+
+    asyncio.run(keep())
+    out = tmp_path / "export"
+    ref = f"{RELEASE_SOURCE}:{release.release_tag}"
+    assert bastion("export", "--root", str(tmp_path / "a"), "--to", str(out), "--release", ref) == 0
+    meta = json.loads((out / "bastion-export.json").read_text())
+    # only the configuration that mirrors an exported repository
+    assert meta["mirror_config"] == [
+        "release-4.99.0/mirror-map.json",
+        "release-4.99.0/registries.conf",
+    ]
+    assert (out / "mirror-config/release-4.99.0/registries.conf").read_bytes() == b"conf"
+    assert not (out / "mirror-config/other").exists()
+
+    b, conf = tmp_path / "b", tmp_path / "conf"
+    assert bastion("import", str(out), "--root", str(b), "--out-dir", str(conf)) == 0
+    assert "1 mirror configurations" in capsys.readouterr().out
+    assert (b / "mirror-config/release-4.99.0/registries.conf").read_bytes() == b"conf"
+    assert (conf / "release-4.99.0/registries.conf").read_bytes() == b"conf"

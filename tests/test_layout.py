@@ -170,3 +170,24 @@ async def test_export_description_entry_annotations(tmp_path: Path, store: Store
         "v1",
         "quay.io/team/app:v1",
     )
+
+
+async def test_mirror_configuration_in_store_and_layout(tmp_path: Path, store: Store) -> None:
+    await oci.keep_mirror_config(store, "release-4.99.1", {"a.yaml": b"1", "b.yaml": b"2"})
+    await oci.keep_mirror_config(store, "release-4.99.1", {"a.yaml": b"new"})  # replaced whole
+    assert await oci.mirror_config_files(store) == [("release-4.99.1/a.yaml", b"new")]
+    writer = oci.LayoutWriter(str(tmp_path / "l"))
+    await oci.put_mirror_config(writer.driver, "release-4.99.1/a.yaml", b"new")
+    reader = oci.LayoutReader(str(tmp_path / "l"))
+    assert await reader.mirror_config() == [("release-4.99.1/a.yaml", b"new")]
+    (tmp_path / "l/mirror-config/release-4.99.1/.hidden").write_bytes(b"x")
+    with pytest.raises(oci.LayoutError, match="unexpected mirror configuration file"):
+        await reader.mirror_config()
+
+
+@pytest.mark.parametrize("name", ["", ".x", "a/b", "..", "a b"], ids=repr)
+async def test_mirror_configuration_names_are_plain(store: Store, name: str) -> None:
+    with pytest.raises(oci.LayoutError):
+        await oci.keep_mirror_config(store, name, {"a.yaml": b""})
+    with pytest.raises(oci.LayoutError):
+        await oci.keep_mirror_config(store, "ok", {name or "/": b""})

@@ -2,7 +2,8 @@
 take the upstream away, import the export into a fresh root while ``bastion serve`` already
 runs on it, and pull components by their original quay.io digests through the registries.conf
 the mirror step wrote, as the nodes do. skopeo reads what export writes, and import reads what
-skopeo writes."""
+skopeo writes. ``import --to`` pushes the export into another registry (distribution behind
+token auth) and the components are read back by digest."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.release import (
     COMPONENT_SOURCE,
     DOCKER_LIST_COMPONENT,
     OCI_INDEX_COMPONENT,
+    RELEASE_REPO,
     RELEASE_SOURCE,
     Release,
     build_release,
@@ -150,3 +152,61 @@ def test_import_of_skopeo_written_layout(skopeo: Tool, tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     tag = root / "repositories/registry.example.com/team/app/_manifests/tags/v1"
     assert tag.read_text() == image.digest
+
+
+def test_mirror_export_import_to_registry(
+    release: Release,
+    config: Path,
+    tmp_path: Path,
+    distribution_upstream: DistributionUpstream,
+    upstream_authfile: Path,
+) -> None:
+    """``import --to``: the export goes into another registry (here the same distribution,
+    behind token auth, under ``site/``), every repository keeping its path under the prefix;
+    blobs shared between repositories are mounted, not uploaded again; the mirror
+    configuration is rendered for the target."""
+    connected, disk, out = tmp_path / "connected", tmp_path / "disk", tmp_path / "site-config"
+    p = bastion(
+        "mirror", "release", SOURCE, "--config", str(config), "--root", str(connected),
+        "--mirror-host", "bastion.example:5000",
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    p = bastion("export", "--config", str(config), "--root", str(connected), "--to", str(disk))
+    assert p.returncode == 0, p.stderr
+    meta = json.loads((disk / "bastion-export.json").read_text())
+    name = "release-4.99.1"
+    assert f"{name}/registries.conf" in meta["mirror_config"]
+    assert (
+        "bastion.example:5000/" in (disk / "mirror-config" / name / "registries.conf").read_text()
+    )
+
+    distribution_upstream.reset_counts()
+    target = f"{distribution_upstream.host}/site"
+    args = ["import", str(disk), "--to", target, "--authfile", str(upstream_authfile)]
+    p = bastion(*args, "--plain-http", "--out-dir", str(out), "--root", str(tmp_path / "r"))
+    assert p.returncode == 0, p.stderr
+    summary = p.stdout.strip().splitlines()[-1]
+    assert summary.startswith(f"Summary: pushed to {target}: ") and "Traceback" not in p.stderr
+    mounted = distribution_upstream.count_requests("POST", "mount=", status=201)
+    assert mounted >= 1 and f", {mounted} mounted," in summary
+
+    client = RegistryClient(distribution_upstream.url, PULLER)
+    components = [f"site/{COMPONENT_SOURCE}", f"site/{RELEASE_SOURCE}"]
+    for n in ("etcd", "installer", DOCKER_LIST_COMPONENT, OCI_INDEX_COMPONENT):
+        digest = release.components[n]
+        got = client.get_manifest(components[0], digest)
+        assert got.status == 200 and got.body == release.manifest(digest).data, n
+    tagged = client.get_manifest(components[1], release.release_tag)
+    assert tagged.status == 200 and tagged.body == release.release_manifest
+    for m in (release.manifest(release.components["etcd"]), release.manifests[-1]):
+        repo = f"site/{RELEASE_SOURCE if m.repo == RELEASE_REPO else COMPONENT_SOURCE}"
+        for blob in m.blobs:
+            assert client.get_blob(repo, blob).body == release.blobs[blob]
+    conf = (out / name / "registries.conf").read_text()
+    assert f'location = "{target}/{RELEASE_SOURCE}"' in conf and "bastion.example" not in conf
+    assert (out / name / "mirror-map.json").exists()
+
+    # a rerun finds everything there
+    p = bastion(*args, "--plain-http", "--root", str(tmp_path / "r"))
+    assert p.returncode == 0, p.stderr
+    assert ": 0 manifests (" in p.stdout and "0 uploaded" in p.stdout and " 0 mounted" in p.stdout

@@ -1,0 +1,241 @@
+"""``bastion import DIR``: load an export (or any OCI image layout, or a folder of tar volumes)
+into the store, every blob and manifest verified while it is copied, content visible only once
+verified, good content kept when some is bad. With ``--to`` the layout is pushed into another
+registry instead (``server.import_registry``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage import Digest, Store, StoreError, paths
+from storage import layout as oci
+
+from .config import Config
+from .ferry import (
+    FerryError,
+    ImportOptions,
+    LayoutTrees,
+    Target,
+    gather_limited,
+    open_store,
+    read_meta,
+    unpacked_volumes,
+    volumes_in,
+    write_out_dir,
+)
+from .mirror import _size
+from .progress import Progress
+
+__all__ = ["ImportSummary", "import_layout"]
+
+
+@dataclass
+class ImportSummary:
+    manifests: int = 0
+    tags: int = 0
+    imported: int = 0
+    imported_bytes: int = 0
+    present: int = 0
+    signatures: int = 0
+    configs: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return (
+            f"imported {self.manifests} manifests, {self.tags} tags; blobs: {self.imported} "
+            f"verified and stored ({_size(self.imported_bytes)}), {self.present} already "
+            f"present; {self.signatures} signatures, {self.configs} mirror configurations; "
+            f"{elapsed:.1f}s, {_size(self.imported_bytes / elapsed)}/s"
+        )
+
+
+async def import_layout(config: Config, options: ImportOptions, progress: Progress) -> str:
+    """Import an OCI layout (or a folder of volumes) into the store, or push it to the registry
+    ``options.to``; returns the summary line. Raises ``FerryError`` with one line per bad
+    digest (good content is kept, nothing bad becomes visible)."""
+    if options.to is not None:
+        from .import_registry import push_layout
+
+        return await push_layout(config, options, progress)
+    store = open_store(config)
+    meta = read_meta(options.source)
+    if meta is not None:
+        await _check_base(store, meta, config.storage.root)
+    if not volumes_in(options.source):
+        return await _import_dir(store, options.source, meta, options, progress)
+    async with unpacked_volumes(store.driver, options.source, store.manifest_limit, progress) as (
+        work,
+        local,
+        unpacked,
+    ):
+        # large blobs were verified while unpacked: straight into the pool
+        for digest, path in unpacked.staged.items():
+            await store.commit_blob(f"{work}/staging/{os.path.basename(path)}", digest)
+        layout = os.path.join(local, "layout")
+        return await _import_dir(
+            store, layout, meta, options, progress, unpacked.bad, unpacked.errors
+        )
+
+
+async def _check_base(store: Store, meta: dict[str, Any], root: str) -> None:
+    base = meta.get("base")
+    if not base or await oci.import_done(store, str(base)):
+        return
+    own = {b["digest"] for b in meta.get("blobs", [])}
+    for text in meta.get("carried", []):
+        if text in own:
+            continue
+        if await store.blob_size(Digest.parse(text)) is None:
+            chain = " -> ".join([*meta.get("chain", []), meta["id"]])
+            raise FerryError(
+                f"export {meta['id']} is an increment on export {base}, which was not imported "
+                f"into {root}: import the chain in order ({chain})"
+            )
+
+
+class _Import:
+    """Copies what ``LayoutTrees`` read into the store."""
+
+    def __init__(self, store: Store, trees: LayoutTrees, options: ImportOptions) -> None:
+        self.store = store
+        self.trees = trees
+        self.options = options
+        self.summary = ImportSummary()
+
+    async def blobs(self, progress: Progress) -> None:
+        bad = self.trees.bad
+        todo: dict[Digest, int] = {}
+        for digest, size in self.trees.blob_sizes.items():
+            if digest in bad:
+                continue
+            if await self.store.blob_size(digest) is not None:
+                self.summary.present += 1
+            elif await self.trees.reader.blob_size(digest) is None:
+                bad[digest] = "blob missing from the layout"
+            else:
+                todo[digest] = size
+        progress.start_bytes(sum(max(s, 0) for s in todo.values()))
+
+        async def one(digest: Digest, size: int) -> None:
+            source = self.trees.reader.read_blob(digest)
+            try:
+                await oci.import_blob(self.store, source, digest, size, progress.advance_bytes)
+            except StoreError as e:
+                bad[digest] = str(e)
+                return
+            self.summary.imported += 1
+            self.summary.imported_bytes += max(size, 0)
+
+        jobs = [functools.partial(one, d, s) for d, s in todo.items()]
+        await gather_limited(self.options.concurrency, jobs)
+
+    async def write(self, repo: str, tree: oci.ManifestTree, done: set[tuple[str, Digest]]) -> None:
+        """Children first, each manifest after its blobs are linked into ``repo``."""
+        for node in tree.walk():
+            if (repo, node.digest) in done:
+                continue
+            for blob in node.blobs:
+                if not await self.store.is_linked(repo, blob):
+                    await self.store.link_blob(repo, blob)
+            await self.store.put_manifest(repo, str(node.digest), node.body, node.media_type)
+            done.add((repo, node.digest))
+            self.summary.manifests += 1
+
+    async def write_targets(self, targets: list[Target], progress: Progress) -> int:
+        """Write every complete target; returns how many were not written."""
+        done: set[tuple[str, Digest]] = set()
+        failed = 0
+        for target in targets:
+            if target.tree is None or not self.trees.complete(target.tree):
+                failed += 1
+                continue
+            try:
+                await self.write(target.repository, target.tree, done)
+            except StoreError as e:
+                self.trees.bad[target.tree.digest] = str(e)
+                failed += 1
+                continue
+            if target.tag is not None:
+                await self.store.touch_tag(target.repository, target.tag, target.tree.digest)
+                self.summary.tags += 1
+            progress.image_done(target)
+        return failed
+
+    async def extras(self) -> None:
+        """Signatures and the mirror configuration (each configuration replaced whole); with
+        ``--out-dir`` the configuration is also written there."""
+        reader = self.trees.reader
+        for rel, data in await reader.signatures():
+            await oci.put_signature(self.store, rel, data)
+            self.summary.signatures += 1
+        configs = await reader.mirror_config()
+        by_name: dict[str, dict[str, bytes]] = {}
+        for rel, data in configs:
+            name, file = oci.check_mirror_config_name(rel)
+            by_name.setdefault(name, {})[file] = data
+        for name, files in by_name.items():
+            await oci.keep_mirror_config(self.store, name, files)
+        self.summary.configs = len(by_name)
+        if self.options.out_dir and configs:
+            await write_out_dir(self.options.out_dir, configs)
+
+
+async def _import_dir(
+    store: Store,
+    directory: str,
+    meta: dict[str, Any] | None,
+    options: ImportOptions,
+    progress: Progress,
+    prefailed: dict[Digest, str] | None = None,
+    errors: list[str] | None = None,
+) -> str:
+    async def from_store(repo: str, digest: Digest) -> bytes | None:
+        if await store.blob_size(digest) is None:
+            return None
+        return await store.driver.get_content(paths.blob(digest), store.manifest_limit)
+
+    trees = LayoutTrees(oci.LayoutReader(directory), store.manifest_limit, from_store)
+    trees.bad.update(prefailed or {})
+    targets = await trees.targets(options.repo)
+    progress.set_total_images(len(targets))
+    job = _Import(store, trees, options)
+    await job.blobs(progress)
+    failed = await job.write_targets(targets, progress)
+    if meta is not None and not trees.bad:
+        await _restore_tags(store, meta, {(t.repository, t.tag) for t in targets}, job)
+    await job.extras()
+    if trees.bad or errors:
+        lines = trees.failure_lines(errors or [])
+        lines.append(
+            f"{failed} of {len(targets)} images not imported; the rest is in the store "
+            f"({job.summary.line()})"
+        )
+        raise FerryError(*lines)
+    if meta is not None:
+        await oci.mark_import_done(store, str(meta["id"]), {"source": options.source})
+    return job.summary.line()
+
+
+async def _restore_tags(
+    store: Store, meta: dict[str, Any], written: set[tuple[str, str | None]], job: _Import
+) -> None:
+    """Tags the export lists without an index entry (they point at manifests an earlier
+    export carried) are pointed at those manifests, which must be in the store by now."""
+    for repo, state in meta.get("repositories", {}).items():
+        for tag, text in state.get("tags", {}).items():
+            if (repo, tag) in written:
+                continue
+            digest = Digest.parse(text)
+            try:
+                await store.stat_manifest(repo, text)
+            except StoreError:
+                job.trees.bad[digest] = f"tag {tag} points at a manifest not in the store"
+                job.trees.owners.setdefault(digest, set()).add(repo)
+                continue
+            await store.touch_tag(repo, tag, digest)
+            job.summary.tags += 1
