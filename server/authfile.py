@@ -29,6 +29,11 @@ class Credentials:
     def __repr__(self) -> str:  # never log a password
         return f"Credentials(username={self.username!r})"
 
+    def basic(self) -> str:
+        """The ``Authorization`` header value for Basic auth (RFC 7617)."""
+        pair = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode()
+
 
 def _normalise_key(key: str) -> str:
     for scheme in ("https://", "http://"):

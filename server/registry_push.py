@@ -18,7 +18,6 @@ digest again at the closing ``PUT``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -162,10 +161,7 @@ class RegistryPush(UpstreamClient):
         if params.get("service"):
             query.append(("service", params["service"]))
         creds = self.credentials(repository)
-        headers = {}
-        if creds is not None:  # RFC 7617 (aiohttp 3.14 deprecates BasicAuth)
-            basic = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
-            headers["Authorization"] = f"Basic {basic}"
+        headers = {"Authorization": creds.basic()} if creds is not None else {}
         try:
             async with self._get_session().get(realm, params=query, headers=headers) as r:
                 if r.status in (401, 403):

@@ -179,9 +179,9 @@ class UpstreamClient:
         if params.get("service"):
             query["service"] = params["service"]
         creds = self.credentials(repository)
-        auth = aiohttp.BasicAuth(creds.username, creds.password) if creds else None
+        headers = {"Authorization": creds.basic()} if creds else {}
         try:
-            async with self._get_session().get(realm, params=query, auth=auth) as r:
+            async with self._get_session().get(realm, params=query, headers=headers) as r:
                 if r.status in (401, 403):
                     raise UpstreamAuthError(self._auth_refused(repository, r.status))
                 if r.status != 200:
@@ -227,7 +227,7 @@ class UpstreamClient:
         if scheme == "basic":
             creds = self.credentials(repository)
             if creds is not None:
-                return aiohttp.BasicAuth(creds.username, creds.password).encode()
+                return creds.basic()
         return None
 
     # ---- requests ----------------------------------------------------------------------------

@@ -25,14 +25,6 @@ from tests.upstream import PULLER, DistributionUpstream, RegistryClient, write_a
 
 PREFIX = "site"
 
-# server/upstream.py fetches tokens with aiohttp.BasicAuth and ``auth=``, which aiohttp 3.14
-# deprecates; the CLI runs in process here, so those warnings would fail every test (that
-# module is not ours to change).
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:BasicAuth is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:The 'auth' parameter is deprecated:DeprecationWarning"),
-]
-
 
 @pytest.fixture(scope="module")
 def releases() -> list[Release]:
