@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from storage import Digest, Store, UploadUnknown, validate_name
-from storage.uploads import WRITE_BATCH
 
 from .context import store_of
 from .errors import OCIError
@@ -18,9 +17,9 @@ __all__ = ["post_upload", "patch_upload", "put_upload", "get_upload", "delete_up
 
 
 def _body(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body in pieces as they arrive (never ``async for`` over the reader
-    itself: that splits at newlines)."""
-    return request.content.iter_chunked(WRITE_BATCH)
+    """The request body in the pieces it arrived in, not joined or copied (never ``async for``
+    over the reader itself: that splits at newlines)."""
+    return request.content.iter_any()
 
 
 def _upload_headers(name: str, upload_id: str, size: int) -> dict[str, str]:

@@ -145,17 +145,20 @@ class Uploads:
             await writer.close()
 
     async def _pump(self, chunks: AsyncIterable[bytes], writer: FileWriter) -> int:
-        """Copy ``chunks`` to ``writer`` in batches of ``WRITE_BATCH`` bytes."""
+        """Copy ``chunks`` to ``writer`` in batches of about ``WRITE_BATCH`` bytes."""
         received = 0
-        batch = bytearray()
+        batch: list[bytes] = []
+        batched = 0
         async for chunk in chunks:
-            batch += chunk
-            received += len(chunk)
-            if len(batch) >= WRITE_BATCH:
-                await writer.write(bytes(batch))
-                batch.clear()
+            batch.append(chunk)
+            batched += len(chunk)
+            if batched >= WRITE_BATCH:
+                await writer.write(batch)  # one thread hop, no copies: writev + hash there
+                received += batched
+                batch, batched = [], 0
         if batch:
-            await writer.write(bytes(batch))
+            await writer.write(batch)
+            received += batched
         return received
 
     def _remember(self, upload_id: str, offset: int, hasher: Any) -> None:

@@ -147,3 +147,15 @@ async def test_walk(driver: StorageDriver) -> None:
     with pytest.raises(PathNotFound):
         async for _ in driver.walk("none"):
             pass
+
+
+async def test_writer_takes_a_list_of_pieces(driver: StorageDriver) -> None:
+    pieces = [bytes([i % 251]) * (i % 7 + 1) for i in range(2000)]  # more than one writev batch
+    hasher = hashlib.sha256()
+    async with driver.writer("v/pieces", hasher=hasher) as w:
+        await w.write(pieces)
+        await w.write([b"", b"tail"])
+        await w.commit()
+    whole = b"".join(pieces) + b"tail"
+    assert await driver.get_content("v/pieces", len(whole)) == whole
+    assert hasher.hexdigest() == hashlib.sha256(whole).hexdigest()

@@ -62,9 +62,10 @@ class FileWriter(Protocol):
         """Prepare the session (idempotent); afterwards ``size`` is the resumed size."""
         ...
 
-    async def write(self, data: bytes) -> None:
-        """Append ``data``. If the writer was made with ``hasher``, ``hasher.update(data)`` is
-        called too (in the same worker thread as the write, off the event loop)."""
+    async def write(self, data: bytes | list[bytes]) -> None:
+        """Append ``data`` (a list of pieces is written in order without being joined). If the
+        writer was made with ``hasher``, it is updated with the same bytes, in the same worker
+        thread as the write, off the event loop."""
         ...
 
     async def commit(self) -> None:
