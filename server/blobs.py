@@ -3,6 +3,7 @@ repositories (served while being cached)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
@@ -139,9 +140,17 @@ async def _stream_fill(
     if end is not None:
         response.content_length = end - start
     await response.prepare(request)
+    transport = request.transport
     try:
-        async for chunk in fill.stream(start, end):
-            await response.write(chunk)
+        if end is not None and transport is not None and not transport.get_extra_info("sslcontext"):
+            # what has landed goes out with sendfile(2), as FileResponse sends a whole blob
+            loop = asyncio.get_running_loop()
+            with fill.open_file() as file:
+                async for offset, count in fill.regions(file, start, end):
+                    await loop.sendfile(transport, file, offset, count)
+        else:
+            async for chunk in fill.stream(start, end):
+                await response.write(chunk)
     except FillFailed as e:
         log.error("serving %s@%s while fetching: %s", name, fill.digest, e)
         if request.transport is not None:

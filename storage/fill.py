@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, BinaryIO, Final, Protocol
 
 from . import paths
 from .digest import Digest
@@ -42,6 +42,8 @@ _POLL: Final = 0.02
 #: A follower that sees no byte for this long checks whether the leader is still alive.
 _LIVENESS_EVERY: Final = 1.0
 _READ: Final = 1 << 20
+#: Bytes of a blob held back from clients until the whole blob matched its digest.
+HOLD_BACK: Final = 64 * 1024
 
 
 class FillFailed(StoreError):
@@ -187,6 +189,36 @@ class Fill:
             if status == "failed":
                 raise _failure(state)
             await self._wait()
+
+    def open_file(self) -> BinaryIO:
+        """The file being filled (or the committed blob), for ``regions``; the caller closes it."""
+        return os.fdopen(self._open(), "rb")
+
+    async def regions(self, file: BinaryIO, start: int, end: int) -> AsyncIterator[tuple[int, int]]:
+        """(offset, count) ranges of ``file`` (from ``open_file``) covering ``[start, end)``,
+        each yielded once its bytes are written, so they can go out with sendfile(2). The last
+        piece (``HOLD_BACK`` bytes) is yielded only after the whole blob matched its digest;
+        ``FillFailed`` is raised instead if it does not."""
+        pos = start
+        hold = max(end - HOLD_BACK, start)
+        while pos < hold:
+            available = min(os.fstat(file.fileno()).st_size, hold)
+            if available > pos:
+                yield pos, available - pos
+                pos = available
+                continue
+            status, state = await self._status()
+            if status == "failed":
+                raise _failure(state)
+            if status == "done" and os.fstat(file.fileno()).st_size <= pos:
+                raise FillFailed(f"fetch of {self.digest} ended short")
+            if status != "done":
+                await self._wait()
+        await self.wait()  # verified: now the last piece may go
+        if os.fstat(file.fileno()).st_size < end:
+            raise FillFailed(f"fetch of {self.digest} ended short")
+        if end > pos:
+            yield pos, end - pos
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
         """Bytes ``[start, end)`` as they arrive. The last piece is held back until the whole
