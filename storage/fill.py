@@ -365,12 +365,32 @@ class Fills:
             leader.started.set()
             hasher = hashlib.new(digest.algorithm)
             total = 0
-            async for chunk in source.chunks():
-                total += len(chunk)
-                if source.size is not None and total > source.size:
-                    raise FillFailed(f"upstream sent more than the {source.size} bytes announced")
-                await _run(_append, data_fd, chunk, hasher)
-                leader.notify()
+            # Pipelined: while one batch is written and hashed in a thread, the pieces that
+            # arrive meanwhile gather into the next batch (one thread hop per batch).
+            pending: list[bytes] = []
+            writing: asyncio.Future[None] | None = None
+            try:
+                async for chunk in source.chunks():
+                    total += len(chunk)
+                    if source.size is not None and total > source.size:
+                        raise FillFailed(
+                            f"upstream sent more than the {source.size} bytes announced"
+                        )
+                    pending.append(chunk)
+                    if writing is None or writing.done():
+                        if writing is not None:
+                            await writing  # raises its error, if any
+                            leader.notify()
+                        writing = asyncio.ensure_future(_run(_append, data_fd, pending, hasher))
+                        pending = []
+            finally:
+                if writing is not None:  # never leave a write running on a closing fd
+                    await asyncio.wait([writing])
+            if writing is not None:
+                await writing
+            if pending:
+                await _run(_append, data_fd, pending, hasher)
+            leader.notify()
             await _run(os.fsync, data_fd)
             if source.size is not None and total != source.size:
                 raise FillFailed(
@@ -418,12 +438,13 @@ def _failure(state: dict[str, Any]) -> FillFailed:
     return cls(state.get("error") or "fetch failed")
 
 
-def _append(fd: int, data: bytes, hasher: Any) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    hasher.update(data)
+def _append(fd: int, pieces: list[bytes], hasher: Any) -> None:
+    for data in pieces:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        hasher.update(data)
 
 
 def _commit(src: str, dst: str) -> None:
