@@ -3,8 +3,10 @@ digest for every request in every worker process sharing the root.
 
 Files (filesystem driver; see ``storage.paths``)::
 
-    <root>/proxy/<alg>/<hex>.lock      flock()ed by the one leader for the whole fetch; holds the
-                                       fill state as JSON {"token", "size", "state", "error"}
+    <root>/proxy/<alg>/<hex>.lock      flock()ed by the one leader for the whole fetch
+    <root>/proxy/<alg>/<hex>.state     the state of the latest fetch as JSON {"token", "size",
+                                       "state": fetching|verified|done|failed, "error"},
+                                       replaced atomically
     <root>/proxy/<alg>/<hex>.<token>   the bytes as they arrive; renamed into blobs/ once the
                                        digest and size are verified, deleted otherwise
 
@@ -111,10 +113,14 @@ def _held(path: str) -> bool:
         os.close(fd)
 
 
-def _write_state(fd: int, state: dict[str, Any]) -> None:
-    data = json.dumps(state).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, data, 0)
+def _write_state(path: str, state: dict[str, Any]) -> None:
+    """Replace the state file atomically (temp + rename): a reader sees the old state or the
+    new one, never a torn or empty file. No fsync: the state only coordinates live processes;
+    after a crash the free lock says what matters."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(state).encode())
+    os.replace(tmp, path)
 
 
 def _read_state(path: str) -> dict[str, Any] | None:
@@ -139,25 +145,26 @@ class Fill:
         self._checked_alive = time.monotonic()
 
     async def _status(self) -> tuple[str, dict[str, Any]]:
-        """("fetching" | "done" | "failed", state) of this fill. The lock file holds the state
+        """("fetching" | "verified" | "done" | "failed", state) of this fill. The state file holds
         of the latest fetch only: once it names another token (or none), ours has ended, and
         the blob pool says how."""
         lock = self._fills.lock_path(self.digest)
+        state_file = self._fills.state_path(self.digest)
         if self._leader is not None:
             state = self._leader.state
         else:
-            state = await _run(_read_state, lock) or {}
+            state = await _run(_read_state, state_file) or {}
         if state.get("token") == self._token:
             status = str(state.get("state"))
-            if status != "fetching" or self._leader is not None:
+            if status not in ("fetching", "verified") or self._leader is not None:
                 return status, state
             if time.monotonic() - self._checked_alive < _LIVENESS_EVERY:
                 return status, state
             self._checked_alive = time.monotonic()
             if await _run(_held, lock):
                 return status, state
-            state = await _run(_read_state, lock) or {}  # the leader may have just finished
-            if state.get("token") == self._token and state.get("state") != "fetching":
+            state = await _run(_read_state, state_file) or {}  # the leader may have just finished
+            if state.get("token") == self._token and state.get("state") in ("done", "failed"):
                 return str(state.get("state")), state
         if await _run(self._fills.blob_path_exists, self.digest):
             size = (await _run(os.stat, self._fills.blob_path(self.digest))).st_size
@@ -180,11 +187,12 @@ class Fill:
             # already committed (renamed into the pool), or failed and removed
             return os.open(self._fills.blob_path(self.digest), os.O_RDONLY)
 
-    async def wait(self) -> int:
-        """Wait until the blob is committed; its size. Raises ``FillFailed`` if it is not."""
+    async def wait(self, *, committed: bool = True) -> int:
+        """Wait until the blob is committed to the pool (or, with ``committed=False``, until
+        its bytes matched the digest); its size. Raises ``FillFailed`` if it does not."""
         while True:
             status, state = await self._status()
-            if status == "done":
+            if status == "done" or (status == "verified" and not committed):
                 return int(state.get("size") or 0)
             if status == "failed":
                 raise _failure(state)
@@ -210,11 +218,12 @@ class Fill:
             status, state = await self._status()
             if status == "failed":
                 raise _failure(state)
-            if status == "done" and os.fstat(file.fileno()).st_size <= pos:
+            finished = status in ("done", "verified")
+            if finished and os.fstat(file.fileno()).st_size <= pos:
                 raise FillFailed(f"fetch of {self.digest} ended short")
-            if status != "done":
+            if not finished:
                 await self._wait()
-        await self.wait()  # verified: now the last piece may go
+        await self.wait(committed=False)  # verified: now the last piece may go
         if os.fstat(file.fileno()).st_size < end:
             raise FillFailed(f"fetch of {self.digest} ended short")
         if end > pos:
@@ -243,14 +252,14 @@ class Fill:
                 status, state = await self._status()
                 if status == "failed":
                     raise _failure(state)
-                if status == "done":
+                if status in ("done", "verified"):
                     if os.fstat(fd).st_size > pos:
                         continue  # written between our read and the state change
                     if end is not None and pos < end:
                         raise FillFailed(f"fetch of {self.digest} ended short")
                     break
                 await self._wait()
-            await self.wait()  # verified: now the last piece may go
+            await self.wait(committed=False)  # verified: now the last piece may go
             if held:
                 yield held
         finally:
@@ -264,6 +273,9 @@ class Fills:
         self._root = root
         self._leaders: dict[Digest, _Leader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def state_path(self, digest: Digest) -> str:
+        return os.path.join(self._root, "proxy", digest.algorithm, f"{digest.hex}.state")
 
     def lock_path(self, digest: Digest) -> str:
         return os.path.join(self._root, "proxy", digest.algorithm, f"{digest.hex}.lock")
@@ -308,7 +320,7 @@ class Fills:
                     if await _run(self.blob_path_exists, digest):
                         os.close(fd)
                         return None
-                    await _run(_write_state, fd, {})
+                    await _run(_write_state, self.state_path(digest), {})
                     await _run(self._remove_stale, digest)
                 except BaseException:
                     os.close(fd)
@@ -321,7 +333,7 @@ class Fills:
                 continue  # wait for it to start, as any other local follower does
             # another process leads, or is just taking over: follow a fetch that has started.
             # A failed state belongs to an earlier fetch: wait for the lock to come free.
-            state = await _run(_read_state, self.lock_path(digest))
+            state = await _run(_read_state, self.state_path(digest))
             if state and state.get("token") and state.get("state") == "fetching":
                 return Fill(self, digest, state, None)
             if time.monotonic() > deadline:
@@ -333,7 +345,7 @@ class Fills:
         directory = os.path.dirname(self.lock_path(digest))
         prefix = f"{digest.hex}."
         for entry in os.listdir(directory):
-            if entry.startswith(prefix) and not entry.endswith(".lock"):
+            if entry.startswith(prefix) and not entry.endswith((".lock", ".state")):
                 _unlink(os.path.join(directory, entry))
 
     async def _lead(
@@ -357,11 +369,11 @@ class Fills:
                     "error": str(e) or e.__class__.__name__,
                     "missing": isinstance(e, SourceMissing),
                 }
-                await _run(_write_state, lock_fd, leader.state)
+                await _run(_write_state, self.state_path(digest), leader.state)
                 raise
             data_fd = await _run(os.open, data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             leader.state = {"token": token, "size": source.size, "state": "fetching"}
-            await _run(_write_state, lock_fd, leader.state)
+            await _run(_write_state, self.state_path(digest), leader.state)
             leader.started.set()
             hasher = hashlib.new(digest.algorithm)
             total = 0
@@ -391,7 +403,6 @@ class Fills:
             if pending:
                 await _run(_append, data_fd, pending, hasher)
             leader.notify()
-            await _run(os.fsync, data_fd)
             if source.size is not None and total != source.size:
                 raise FillFailed(
                     f"upstream body of {digest} truncated: {total} of {source.size} bytes"
@@ -399,16 +410,21 @@ class Fills:
             actual = Digest(digest.algorithm, hasher.hexdigest())
             if actual != digest:
                 raise FillFailed(f"upstream sent content with digest {actual} for {digest}")
+            # verified: clients may have their last piece while the bytes are made durable
+            leader.state = {**leader.state, "state": "verified", "size": total}
+            await _run(_write_state, self.state_path(digest), leader.state)
+            leader.notify()
+            await _run(os.fsync, data_fd)
             await _run(_commit, data_path, self.blob_path(digest))
             leader.state = {**leader.state, "state": "done", "size": total}
-            await _run(_write_state, lock_fd, leader.state)
+            await _run(_write_state, self.state_path(digest), leader.state)
             if on_commit is not None:
                 await on_commit()
         except (Exception, asyncio.CancelledError) as e:
             if leader.state.get("state") != "failed":
                 log.error("fetch of %s failed: %s", digest, e)
                 leader.state = {**leader.state, "state": "failed", "error": str(e)}
-                await _run(_write_state, lock_fd, leader.state)
+                await _run(_write_state, self.state_path(digest), leader.state)
             await _run(_unlink, data_path)
         finally:
             leader.started.set()

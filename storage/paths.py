@@ -14,7 +14,7 @@
                                                       subject is that digest
       uploads/<uuid>/info                             {"repository": ..., "started": ...}
       uploads/<uuid>/data                             bytes received so far
-      proxy/<alg>/<hex>.lock                          pull-through fill of one blob: the lock and
+      proxy/<alg>/<hex>.lock, .state                  pull-through fill of one blob: the lock and
       proxy/<alg>/<hex>.<token>                       its state; the bytes as they arrive
                                                       (``storage.fill``)
       signatures/<alg>=<hex>/signature-N              release signatures kept for export
