@@ -1127,3 +1127,320 @@ def write_layer_file(
         f.write(out)
         size += len(out)
     return LayerFile(path, f"sha256:{comp.hexdigest()}", size, f"sha256:{diff.hexdigest()}")
+
+
+# =========================================================================== added for
+# serving.py: nginx over a directory (the static-file ceiling), wrk, and a push client for
+# registries without auth.
+
+import re  # noqa: E402
+
+__all__ += [
+    "NginxServer",
+    "WrkResult",
+    "parse_wrk",
+    "run_wrk",
+    "PlainRegistry",
+]
+
+
+NGINX_CONFIG = """\
+{user}worker_processes {workers};
+daemon off;
+pid {pid};
+error_log {log} warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    types {{ }}
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen {host}:{port};
+        root {docroot};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+class NginxServer(Server):
+    """nginx serving the files under ``docroot`` as they are (``GET /a/b`` is
+    ``docroot/a/b``): ``sendfile on``, ``tcp_nopush on``, ``worker_processes`` ``workers``,
+    every file ``application/octet-stream`` (an empty ``types`` map), no access log,
+    ``keepalive_requests`` 1000000 (a kept-alive connection is never closed by count). Runs
+    in the foreground (``daemon off``) with its pid file, temp paths and error log in
+    ``workdir``; as root it keeps ``user root`` so that its workers can read a 0700 temp
+    directory. Roles: ``worker`` (the workers) and ``master``."""
+
+    name = "nginx"
+
+    def __init__(
+        self,
+        workdir: Path,
+        docroot: Path,
+        port: int | None = None,
+        workers: int = 2,
+        binary: str = "nginx",
+    ) -> None:
+        super().__init__(workdir, port)
+        found = shutil.which(binary) or next(
+            (p for p in (f"/usr/sbin/{binary}", f"/sbin/{binary}") if os.access(p, os.X_OK)),
+            None,
+        )
+        if found is None:
+            raise Skip(f"{binary} is not installed (Debian: nginx-light)")
+        self.binary = found
+        self.docroot = Path(docroot)
+        self.workers = workers
+        self.config_path = self.workdir / "nginx.conf"
+        self.label = f"nginx {self.version()}"
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([self.binary, "-v"], capture_output=True, text=True, timeout=10)
+            return (out.stderr + out.stdout).strip().rpartition("/")[2] or "?"
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    def command(self) -> list[str]:
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            NGINX_CONFIG.format(
+                user="user root;\n" if os.geteuid() == 0 else "",
+                workers=self.workers,
+                pid=self.workdir / "nginx.pid",
+                log=self.log_path,
+                tmp=tmp,
+                host=self.host,
+                port=self.port,
+                docroot=self.docroot,
+            )
+        )
+        return [
+            self.binary,
+            "-p",
+            f"{self.workdir}/",
+            "-e",
+            str(self.log_path),  # before the configuration is read (nginx >= 1.19.5)
+            "-c",
+            str(self.config_path),
+        ]
+
+    def start(self, timeout: float = 30.0) -> Server:
+        super().start(timeout)
+        deadline = time.monotonic() + timeout
+        while len(children(self.pid)) < self.workers:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.label}: only {children(self.pid)} workers")
+            time.sleep(0.05)
+        return self
+
+    def roles(self) -> dict[str, list[int]]:
+        return {"worker": children(self.pid), "master": [self.pid]}
+
+
+@dataclass
+class WrkResult:
+    """What ``wrk --latency`` printed: requests/s, the latency percentiles in ms (keys 50,
+    75, 90, 99), the request count, non-2xx/3xx answers and socket errors."""
+
+    rps: float
+    requests: int
+    seconds: float
+    latency_ms: dict[int, float]
+    non_2xx_3xx: int
+    socket_errors: dict[str, int]  # connect, read, write, timeout
+    output: str
+
+    @property
+    def errors(self) -> int:
+        return self.non_2xx_3xx + sum(self.socket_errors.values())
+
+    def describe_errors(self) -> str:
+        parts = []
+        if self.non_2xx_3xx:
+            parts.append(f"{self.non_2xx_3xx} non-2xx/3xx answers")
+        parts += [f"{n} socket {kind} errors" for kind, n in self.socket_errors.items() if n]
+        return ", ".join(parts) + f" of {self.requests} requests" if parts else "none"
+
+
+_WRK_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def _wrk_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if not m:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(m.group(1)) * _WRK_UNITS_MS[m.group(2)]
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Parse the text ``wrk --latency`` prints (wrk 4.x). ``ValueError`` if a figure is missing."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.MULTILINE)
+    total = re.search(r"^\s*(\d+) requests in ([\d.]+\w+),", output, re.MULTILINE)
+    if not rps or not total:
+        raise ValueError("no Requests/sec or request count in wrk's output")
+    latency: dict[int, float] = {}
+    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", output, re.MULTILINE):
+        latency[int(pct)] = _wrk_ms(value)
+    if 99 not in latency or 50 not in latency:
+        raise ValueError("no latency distribution in wrk's output (run it with --latency)")
+    non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    errors = dict.fromkeys(("connect", "read", "write", "timeout"), 0)
+    if sock:
+        errors = dict(zip(errors, (int(x) for x in sock.groups()), strict=True))
+    return WrkResult(
+        rps=float(rps.group(1)),
+        requests=int(total.group(1)),
+        seconds=_wrk_ms(total.group(2)) / 1e3,
+        latency_ms=latency,
+        non_2xx_3xx=int(non.group(1)) if non else 0,
+        socket_errors=errors,
+        output=output,
+    )
+
+
+def run_wrk(
+    url: str,
+    *,
+    threads: int = 2,
+    connections: int = 64,
+    duration: float = 8.0,
+    headers: dict[str, str] | None = None,
+    script: Path | None = None,
+    timeout: float = 10.0,
+) -> WrkResult:
+    """``wrk -t -c -d --latency --timeout [-H ...] [-s script] URL``, parsed. ``timeout``
+    (wrk's per-request timeout, default 2 s there) is raised to 10 s so that slow answers
+    count in the latency figures instead of only as ``timeout`` socket errors. Raises
+    ``BenchError`` if wrk fails or prints no figures. Note wrk 4.x cannot measure HEAD: its
+    response parser waits for the body a Content-Length announces."""
+    argv = [
+        require("wrk"),
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        f"--timeout={timeout:g}s",
+        "--latency",
+    ]
+    for k, v in (headers or {}).items():
+        argv += ["-H", f"{k}: {v}"]
+    if script is not None:
+        argv += ["-s", str(script)]
+    argv.append(url)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if out.returncode != 0:
+        raise BenchError(f"{' '.join(argv)}: exit status {out.returncode}: {out.stderr.strip()}")
+    try:
+        return parse_wrk(out.stdout)
+    except ValueError as e:
+        raise BenchError(f"{' '.join(argv)}: {e}; output:\n{out.stdout}{out.stderr}") from None
+
+
+class PlainRegistry:
+    """The push side of the distribution API for a registry without auth, over http.client,
+    never holding a large blob in memory (files go out with sendfile(2))."""
+
+    def __init__(self, base_url: str, label: str = "registry", timeout: float = 600.0) -> None:
+        u = urllib.parse.urlsplit(base_url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        self.label = label
+        self.timeout = timeout
+
+    def _conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers with lower-case names, body) of one request."""
+        conn = self._conn()
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
+        finally:
+            conn.close()
+
+    def _upload_target(self, conn: http.client.HTTPConnection, repo: str, digest: str) -> str:
+        conn.request("POST", f"/v2/{repo}/blobs/uploads/")
+        resp = conn.getresponse()
+        body = resp.read(500)
+        if resp.status != 202 or not resp.getheader("Location"):
+            raise BenchError(f"{self.label}: POST upload to {repo}: HTTP {resp.status} {body!r}")
+        loc = urllib.parse.urlsplit(resp.getheader("Location", ""))
+        target = loc.path + "?" + (loc.query + "&" if loc.query else "")
+        return target + "digest=" + urllib.parse.quote(digest)
+
+    def _finish(self, resp: http.client.HTTPResponse, what: str, digest: str) -> None:
+        body = resp.read(500)
+        if resp.status != 201:
+            raise BenchError(f"{self.label}: {what}: HTTP {resp.status} {body!r}")
+        got = resp.getheader("Docker-Content-Digest")
+        if got is not None and got != digest:
+            raise BenchError(f"{self.label}: {what}: answered Docker-Content-Digest {got}")
+
+    def push_blob_file(self, repo: str, path: Path, digest: str) -> None:
+        """POST, then one PUT ?digest= with the file's bytes, streamed with sendfile(2)."""
+        conn = self._conn()
+        try:
+            target = self._upload_target(conn, repo, digest)
+            size = Path(path).stat().st_size
+            conn.putrequest("PUT", target, skip_accept_encoding=True)
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Content-Length", str(size))
+            conn.endheaders()
+            assert conn.sock is not None
+            with open(path, "rb") as f:
+                conn.sock.sendfile(f, 0, size)
+            self._finish(conn.getresponse(), f"PUT blob {digest} to {repo}", digest)
+        finally:
+            conn.close()
+
+    def push_blob(self, repo: str, data: bytes) -> str:
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        conn = self._conn()
+        try:
+            target = self._upload_target(conn, repo, digest)
+            conn.request(
+                "PUT", target, body=data, headers={"Content-Type": "application/octet-stream"}
+            )
+            self._finish(conn.getresponse(), f"PUT blob {digest} to {repo}", digest)
+        finally:
+            conn.close()
+        return digest
+
+    def push_manifest(self, repo: str, reference: str, data: bytes, media_type: str) -> str:
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        conn = self._conn()
+        try:
+            conn.request(
+                "PUT",
+                f"/v2/{repo}/manifests/{reference}",
+                body=data,
+                headers={"Content-Type": media_type},
+            )
+            self._finish(conn.getresponse(), f"PUT manifest {repo}:{reference}", digest)
+        finally:
+            conn.close()
+        return digest
