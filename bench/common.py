@@ -289,6 +289,7 @@ class Server(ProcessGroup):
         self.port = port or free_port(self.host)
         self.log_path = self.workdir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}  # added to this process's environment for the server
 
     # -- to override
     def command(self) -> list[str]:
@@ -346,6 +347,7 @@ class Server(ProcessGroup):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
+                env={**os.environ, **self.env} if self.env else None,
                 start_new_session=True,  # our Ctrl-C does not reach it; we stop it ourselves
             )
         finally:
