@@ -252,6 +252,38 @@ class Proxy:
 
         return await _first(sources, one)
 
+    async def list_tags(self, name: str, sources: list[Source]) -> list[str]:
+        """The tags of the upstream repositories behind ``name``, merged over every source that
+        answers. If none does: the last failure (logged), or ``UpstreamNotFound`` if every
+        source lacks the repository."""
+        found: set[str] = set()
+        answered = False
+        failure: UpstreamError | None = None
+        for source in sources:
+            t0 = time.monotonic()
+            try:
+                tags = await source.upstream.list_tags(source.repository)
+            except UpstreamNotFound:
+                continue
+            except UpstreamError as e:
+                log.warning("tags list of %s from %s failed: %s", name, source, e)
+                failure = e
+                continue
+            log.info(
+                "listed %d tags of %s from %s in %.3fs",
+                len(tags),
+                name,
+                source,
+                time.monotonic() - t0,
+            )
+            found.update(tags)
+            answered = True
+        if answered:
+            return sorted(found)
+        if failure is not None:
+            raise failure
+        raise UpstreamNotFound(f"no upstream of {name} has that repository")
+
     def fetcher(self, digest: Digest, sources: list[Source]) -> Fetch:
         async def fetch() -> BlobSource:
             async def one(source: Source) -> BlobSource:

@@ -12,10 +12,12 @@ honouring ``Retry-After``. Every body read is bounded by a named limit.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import ssl
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
@@ -52,6 +54,10 @@ _MAX_ATTEMPTS: Final = 3
 _MAX_RETRY_AFTER: Final = 5.0
 _DEFAULT_TOKEN_LIFETIME: Final = 60.0
 _CHALLENGE_RE: Final = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
+#: An upstream tags list, all of its pages together (a quay.io repository can hold many tags).
+_TAGS_LIMIT: Final = 16 << 20
+_TAGS_MAX_PAGES: Final = 1000
+_NEXT_LINK_RE: Final = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 
 
 class UpstreamError(Exception):
@@ -299,29 +305,57 @@ class UpstreamClient:
         response = await self.request(
             "GET", repository, f"manifests/{reference}", {"Accept": MANIFEST_ACCEPT}
         )
+        body = await self._read(response, limit, f"manifest {reference}")
+        return (
+            body,
+            _media_type(response.headers.get("Content-Type")),
+            response.headers.get("Docker-Content-Digest"),
+        )
+
+    async def list_tags(self, repository: str) -> list[str]:
+        """Every tag of ``repository`` upstream, following ``Link: <...>; rel="next"`` pages
+        (only their query is used: the pages are asked of this upstream, for this repository)."""
+        tags: list[str] = []
+        path = "tags/list"
+        budget = _TAGS_LIMIT
+        for _ in range(_TAGS_MAX_PAGES):
+            response = await self.request("GET", repository, path, {"Accept": "application/json"})
+            body = await self._read(response, budget, f"tags list of {repository}")
+            budget -= len(body)
+            try:
+                page = json.loads(body).get("tags") or []
+            except (ValueError, AttributeError):
+                page = None
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise UpstreamError(f"upstream {self.host}: malformed tags list of {repository}")
+            tags.extend(page)
+            match = _NEXT_LINK_RE.search(response.headers.get("Link", ""))
+            query = urllib.parse.urlsplit(match.group(1)).query if match else ""
+            if not query:
+                return tags
+            path = f"tags/list?{query}"
+        raise UpstreamError(
+            f"upstream {self.host}: tags list of {repository} longer than {_TAGS_MAX_PAGES} pages"
+        )
+
+    async def _read(self, response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+        """The whole body of ``response`` (released afterwards), at most ``limit`` bytes."""
+        too_large = UpstreamError(f"upstream {self.host}: {what} larger than {limit} bytes")
         try:
             if response.content_length is not None and response.content_length > limit:
-                raise UpstreamError(
-                    f"upstream {self.host}: manifest {reference} larger than {limit} bytes"
-                )
+                raise too_large
             parts: list[bytes] = []
             total = 0
             async for chunk in response.content.iter_any():
                 total += len(chunk)
                 if total > limit:
-                    raise UpstreamError(
-                        f"upstream {self.host}: manifest {reference} larger than {limit} bytes"
-                    )
+                    raise too_large
                 parts.append(chunk)
         except (TimeoutError, aiohttp.ClientError) as e:
-            raise UpstreamUnavailable(f"upstream {self.host}: reading manifest: {e}") from None
+            raise UpstreamUnavailable(f"upstream {self.host}: reading {what}: {e}") from None
         finally:
             response.release()
-        return (
-            b"".join(parts),
-            _media_type(response.headers.get("Content-Type")),
-            response.headers.get("Docker-Content-Digest"),
-        )
+        return b"".join(parts)
 
     async def head_manifest(self, repository: str, reference: str) -> tuple[str | None, str | None]:
         """(Docker-Content-Digest, Content-Type) of a manifest without its body."""

@@ -194,3 +194,76 @@ async def test_digest_checked_on_upstream_manifest(cache, upstream: Upstream) ->
     assert r.status == 404
     r = await cache.get(f"/v2/{LOCAL}/manifests/{d}")
     assert r.status == 200
+
+
+async def test_tags_list_is_the_upstreams_merged_with_the_cache(cache, upstream: Upstream) -> None:
+    for tag in ("4.99.2", "4.99.1", "latest"):
+        await push_image(upstream.client, UP_REPO, tag, seed=tag.encode())
+    r = await cache.get(f"/v2/{LOCAL}/tags/list")  # nothing cached yet: the upstream's list
+    assert r.status == 200
+    assert await r.json() == {"name": LOCAL, "tags": ["4.99.1", "4.99.2", "latest"]}
+    assert upstream.counts[("GET", f"/v2/{UP_REPO}/tags/list")] == 1
+    r = await cache.get(f"/v2/{LOCAL}/tags/list?n=2")  # paginated here, like any repository
+    assert (await r.json())["tags"] == ["4.99.1", "4.99.2"]
+    assert r.headers["Link"] == f'</v2/{LOCAL}/tags/list?n=2&last=4.99.2>; rel="next"'
+    r = await cache.get(f"/v2/{LOCAL}/tags/list?n=2&last=4.99.2")
+    assert (await r.json())["tags"] == ["latest"] and "Link" not in r.headers
+
+
+async def test_tags_list_offline_is_what_is_cached(cache, upstream: Upstream) -> None:
+    for tag in ("a", "b"):
+        await push_image(upstream.client, UP_REPO, tag, seed=tag.encode())
+    assert (await cache.get(f"/v2/{LOCAL}/manifests/a")).status == 200  # caches tag a
+    await upstream.client.close()
+    t0 = asyncio.get_running_loop().time()
+    r = await cache.get(f"/v2/{LOCAL}/tags/list")
+    assert r.status == 200 and (await r.json())["tags"] == ["a"]
+    assert asyncio.get_running_loop().time() - t0 < 10
+    # nothing cached and nobody to ask: the upstream's failure, not "unknown"
+    r = await cache.get("/v2/quay.io/other/repo/tags/list")
+    assert r.status == 502 and await error_code(r) == "UNKNOWN"
+
+
+async def test_tags_list_of_a_repository_unknown_upstream(cache, upstream: Upstream) -> None:
+    r = await cache.get("/v2/quay.io/no/such/tags/list")
+    assert r.status == 404 and await error_code(r) == "NAME_UNKNOWN"
+
+
+async def test_tags_list_of_a_mapping_merges_its_sources(cache, upstream: Upstream) -> None:
+    await push_image(upstream.client, UP_REPO, "4.99.1-x86_64-etcd", seed=b"etcd")
+    await push_image(
+        upstream.client, "openshift-release-dev/ocp-release", "4.99.1-x86_64", seed=b"rel"
+    )
+    r = await cache.get("/v2/openshift4/ocp4/tags/list")
+    assert (await r.json())["tags"] == ["4.99.1-x86_64", "4.99.1-x86_64-etcd"]
+
+
+async def test_upstream_tags_list_pages_are_followed(aiohttp_client, tmp_path: Path) -> None:
+    """An upstream that pages its tags list by default (as quay.io does): every page is read,
+    following Link on that upstream only, whatever host the Link names."""
+    tags = [f"t{i:03d}" for i in range(7)]
+    asked: list[str] = []
+
+    async def tags_list(request: web.Request) -> web.Response:
+        asked.append(request.query_string)
+        last = request.query.get("last", "")
+        page = [t for t in tags if t > last][:3]
+        headers = {}
+        if page and page[-1] != tags[-1]:
+            headers["Link"] = (
+                f'<https://elsewhere.example/v2/{UP_REPO}/tags/list?n=3&last={page[-1]}>; rel="next"'
+            )
+        return web.json_response({"name": UP_REPO, "tags": page}, headers=headers)
+
+    paging = web.Application()
+    paging.router.add_get(f"/v2/{UP_REPO}/tags/list", tags_list)
+    up = TestServer(paging)
+    await up.start_server()
+    try:
+        url = str(up.make_url("")).rstrip("/")
+        cache = await aiohttp_client(make_app(proxy_config(tmp_path, url)))
+        r = await cache.get(f"/v2/{LOCAL}/tags/list")
+        assert r.status == 200 and (await r.json())["tags"] == tags
+        assert asked == ["", "n=3&last=t002", "n=3&last=t005"]
+    finally:
+        await up.close()

@@ -137,6 +137,25 @@ def test_node_pulls_through_the_cache_then_offline(
     assert time.monotonic() - started < 10
 
 
+def test_skopeo_lists_upstream_tags_through_the_cache(
+    cache: RegistryServer,
+    distribution_upstream: DistributionUpstream,
+    upstream_client: RegistryClient,
+    skopeo: Tool,
+) -> None:
+    """``skopeo list-tags`` on a pull-through repository shows the upstream's tags (asked with
+    the pull secret's token), not only what happens to be cached; offline, what is cached."""
+    push_artifact(upstream_client, ART_DEV, sample_image("tags-a", fmt=DOCKER), "4.99.0-a")
+    push_artifact(upstream_client, ART_DEV, sample_image("tags-b", fmt=DOCKER), "4.99.0-b")
+    ref = f"docker://{cache.addr}/{QUAY_ART_DEV}"
+    listed = skopeo("list-tags", "--tls-verify=false", ref).json()
+    assert listed["Tags"] == ["4.99.0-a", "4.99.0-b"]
+    status, _, _ = get(f"http://{cache.addr}/v2/{QUAY_ART_DEV}/manifests/4.99.0-b")
+    assert status == 200
+    distribution_upstream.stop()
+    assert skopeo("list-tags", "--tls-verify=false", ref).json()["Tags"] == ["4.99.0-b"]
+
+
 def test_stampede_one_upstream_fetch_across_workers(
     cache: RegistryServer,
     distribution_upstream: DistributionUpstream,
