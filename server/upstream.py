@@ -35,6 +35,7 @@ __all__ = [
     "UpstreamClient",
     "UpstreamBlob",
     "MANIFEST_ACCEPT",
+    "MAX_RESUMES",
 ]
 
 log = logging.getLogger("bastion.upstream")
@@ -51,12 +52,15 @@ MANIFEST_ACCEPT: Final = ", ".join(
 _TOKEN_LIMIT: Final = 1 << 20
 _RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 _MAX_ATTEMPTS: Final = 3
+#: Times a blob body that broke off is resumed with a Range request, per fetch.
+MAX_RESUMES: Final = 3
 _MAX_RETRY_AFTER: Final = 5.0
 _DEFAULT_TOKEN_LIFETIME: Final = 60.0
 _CHALLENGE_RE: Final = re.compile(r'(\w+)\s*=\s*(?:"([^"]*)"|([^\s,]+))')
 #: An upstream tags list, all of its pages together (a quay.io repository can hold many tags).
 _TAGS_LIMIT: Final = 16 << 20
 _TAGS_MAX_PAGES: Final = 1000
+_CONTENT_RANGE_RE: Final = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _NEXT_LINK_RE: Final = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 
 
@@ -84,19 +88,82 @@ class _Token:
 
 class UpstreamBlob:
     """An open blob response: ``size`` (None if the upstream sent no length) and ``chunks``.
-    The caller must ``close`` it."""
+    The caller must ``close`` it.
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    A body that breaks off midway (connection reset or closed early, read timeout) is resumed
+    where it stopped with ``Range: bytes=N-``, up to ``MAX_RESUMES`` times, as containers/image
+    does: the caller sees one uninterrupted stream and checks the digest of the whole as
+    before. An upstream that answers a Range request with the whole body (200) has its first
+    N bytes skipped. Without a known size, or if the resumed answer does not fit, the original
+    error stands."""
+
+    def __init__(
+        self, response: aiohttp.ClientResponse, client: UpstreamClient, repository: str, digest: str
+    ) -> None:
         self._response = response
+        self._client, self._repository, self._digest = client, repository, digest
         self.size = response.content_length
+        self.resumes = 0
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        # iter_any: hand bytes on as they arrive, so clients see the first byte at once
-        async for chunk in self._response.content.iter_any():
-            yield chunk
+        received = 0
+        skip = 0  # bytes to drop from a resumed answer that ignored the Range
+        while True:
+            try:
+                # iter_any: hand bytes on as they arrive, so clients see the first byte at once
+                async for chunk in self._response.content.iter_any():
+                    if skip:
+                        dropped = min(skip, len(chunk))
+                        chunk, skip = chunk[dropped:], skip - dropped
+                        if not chunk:
+                            continue
+                    received += len(chunk)
+                    yield chunk
+                return
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                if self.size is None or received >= self.size or self.resumes >= MAX_RESUMES:
+                    raise
+                self.resumes += 1
+                log.warning(
+                    "upstream %s: blob %s/%s broke off after %d of %d bytes (%s); resuming",
+                    self._client.host,
+                    self._repository,
+                    self._digest,
+                    received,
+                    self.size,
+                    e.__class__.__name__,
+                )
+                self._response.release()
+                await asyncio.sleep(0.2 * self.resumes)
+                try:
+                    skip = await self._resume(received)
+                except UpstreamError as refused:
+                    log.warning("upstream %s: resuming failed: %s", self._client.host, refused)
+                    raise e from None
+
+    async def _resume(self, offset: int) -> int:
+        """Ask for the rest from ``offset``; returns the bytes to skip in the answer."""
+        response = await self._client.request(
+            "GET", self._repository, f"blobs/{self._digest}", {"Range": f"bytes={offset}-"}
+        )
+        content_range = response.headers.get("Content-Range", "")
+        if response.status == 206:
+            m = _CONTENT_RANGE_RE.fullmatch(content_range.strip())
+            size = self.size or 0
+            if m and (int(m[1]), int(m[2])) == (offset, size - 1) and m[3] in ("*", str(size)):
+                self._response = response
+                return 0
+        elif response.status == 200 and response.content_length == self.size:
+            self._response = response
+            return offset
+        response.release()
+        raise UpstreamError(
+            f"answered {response.status} (Content-Range {content_range or 'none'}) "
+            f"to a request for bytes {offset}- of {self.size}"
+        )
 
     def close(self) -> None:
-        self._response.close()
+        self._response.release()
 
 
 class UpstreamClient:
@@ -374,7 +441,8 @@ class UpstreamClient:
         return response.content_length
 
     async def open_blob(self, repository: str, digest: str) -> UpstreamBlob:
-        return UpstreamBlob(await self.request("GET", repository, f"blobs/{digest}"))
+        response = await self.request("GET", repository, f"blobs/{digest}")
+        return UpstreamBlob(response, self, repository, digest)
 
 
 def _media_type(value: str | None) -> str | None:

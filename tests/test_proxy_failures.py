@@ -13,8 +13,9 @@ import pytest
 from server.app import make_app
 from server.config import Config, StorageConfig, UpstreamConfig
 from server.context import STORE
+from server.upstream import MAX_RESUMES
 from storage import Digest
-from tests.upstream import LyingUpstream, Serve, Stall, Status, Truncate, WrongBytes
+from tests.upstream import Behavior, LyingUpstream, Serve, Stall, Status, Truncate, WrongBytes
 
 from .oci import DOCKER_MANIFEST, error_code, image_manifest
 
@@ -50,6 +51,14 @@ async def assert_not_cached(cache, digest: str) -> None:  # type: ignore[no-unty
     assert await store.blob_size(Digest.parse(digest)) is None
 
 
+def broken_every_time(lie: Behavior) -> list[Behavior]:
+    """``lie`` for the first request and for every resume of it (the fetch gives up), then
+    the right bytes."""
+    if isinstance(lie, WrongBytes):  # a complete body: nothing to resume
+        return [lie, Serve()]
+    return [lie] * (1 + MAX_RESUMES) + [Serve()]
+
+
 @pytest.mark.parametrize(
     "lie",
     [WrongBytes(), Truncate(), Stall(seconds=10)],
@@ -58,7 +67,8 @@ async def assert_not_cached(cache, digest: str) -> None:  # type: ignore[no-unty
 async def test_bad_body_is_never_cached_and_retry_refetches(
     cache, lying_upstream: LyingUpstream, lie
 ) -> None:  # type: ignore[no-untyped-def]
-    digest = lying_upstream.add_blob(REPO, BLOB, lie, Serve())
+    plan = broken_every_time(lie)
+    digest = lying_upstream.add_blob(REPO, BLOB, *plan)
     status, body = await fetch(cache, digest)
     # the connection is cut before the last piece (or an error answers): never a complete body
     assert body is None or status >= 400, (status, len(body))
@@ -70,10 +80,40 @@ async def test_bad_body_is_never_cached_and_retry_refetches(
             break
         await asyncio.sleep(0.1)
     assert status == 200 and body == BLOB
-    assert lying_upstream.count("GET", f"/blobs/{digest}") == 2
+    assert lying_upstream.count("GET", f"/blobs/{digest}") == len(plan)
     status, body = await fetch(cache, digest)
     assert body == BLOB
-    assert lying_upstream.count("GET", f"/blobs/{digest}") == 2  # now from the cache
+    assert lying_upstream.count("GET", f"/blobs/{digest}") == len(plan)  # now from the cache
+
+
+@pytest.mark.parametrize(
+    "lie", [Truncate(), Stall(seconds=10)], ids=["connection-closed", "read-timeout"]
+)
+@pytest.mark.parametrize("ranges", [True, False], ids=["206", "200-without-range-support"])
+async def test_a_body_that_breaks_off_is_resumed_where_it_stopped(
+    cache, lying_upstream: LyingUpstream, lie, ranges: bool
+) -> None:  # type: ignore[no-untyped-def]
+    digest = lying_upstream.add_blob(REPO, BLOB, lie, Serve(ranges=ranges))
+    status, body = await fetch(cache, digest)
+    assert status == 200 and body == BLOB  # the client never noticed
+    half = len(BLOB) // 2
+    assert lying_upstream.ranges(f"/blobs/{digest}") == [None, f"bytes={half}-"]
+    store = cache.server.app[STORE]
+    for _ in range(100):
+        if await store.blob_size(Digest.parse(digest)) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert await store.blob_size(Digest.parse(digest)) == len(BLOB)
+
+
+async def test_a_resume_answered_with_other_bytes_is_not_cached(
+    cache, lying_upstream: LyingUpstream
+) -> None:
+    # the resumed part comes from content that changed meanwhile: the digest check catches it
+    digest = lying_upstream.add_blob(REPO, BLOB, Truncate(), WrongBytes())
+    status, body = await fetch(cache, digest)
+    assert body is None or status >= 400
+    await assert_not_cached(cache, digest)
 
 
 async def test_stall_before_headers_fails_within_timeout(
@@ -171,10 +211,11 @@ async def test_range_on_an_uncached_blob_streams_that_range(
 async def test_a_failed_fetch_does_not_fail_the_next_burst(
     cache, lying_upstream: LyingUpstream
 ) -> None:
-    digest = lying_upstream.add_blob(REPO, BLOB, Truncate(), Serve())
+    plan = broken_every_time(Truncate())
+    digest = lying_upstream.add_blob(REPO, BLOB, *plan)
     status, body = await fetch(cache, digest)
     assert body is None or status >= 400
     results = await asyncio.gather(*(fetch(cache, digest) for _ in range(30)))
     assert [s for s, _ in results] == [200] * 30
     assert all(b == BLOB for _, b in results)
-    assert lying_upstream.count("GET", f"/blobs/{digest}") == 2
+    assert lying_upstream.count("GET", f"/blobs/{digest}") == len(plan)

@@ -1063,7 +1063,10 @@ def push_to_upstream(
 
 @dataclass(frozen=True)
 class Serve:
-    """Serve the content correctly (honours ``Range: bytes=N-[M]`` on GET)."""
+    """Serve the content correctly (honours ``Range: bytes=N-[M]`` on GET unless ``ranges``
+    is False: then the whole content, 200, as registries without Range support answer)."""
+
+    ranges: bool = True
 
 
 @dataclass(frozen=True)
@@ -1149,6 +1152,7 @@ class LyingUpstream(_ThreadedServer):
         self._tags: dict[tuple[str, str], str] = {}
         self._plans: dict[tuple[str | None, str], _Plan] = {}
         self._requests: list[tuple[str, str]] = []
+        self._ranges: list[tuple[str, str | None]] = []
         self._lock = threading.Lock()
         self._closing: asyncio.Event | None = None
 
@@ -1234,9 +1238,16 @@ class LyingUpstream(_ThreadedServer):
         """Same as ``count`` (the name ``DistributionUpstream`` uses)."""
         return self.count(method, path_substring)
 
+    def ranges(self, path_substring: str) -> list[str | None]:
+        """The ``Range`` header (None if absent) of every GET whose path contains
+        ``path_substring``, in order."""
+        with self._lock:
+            return [r for p, r in self._ranges if path_substring in p]
+
     def reset_counts(self) -> None:
         with self._lock:
             self._requests.clear()
+            self._ranges.clear()
 
     # server
 
@@ -1274,6 +1285,8 @@ class LyingUpstream(_ThreadedServer):
         method, path = request.method, request.path
         with self._lock:
             self._requests.append((method, path))
+            if method == "GET":
+                self._ranges.append((path, request.headers.get("Range")))
         if path in ("/v2", "/v2/"):
             return web.json_response({}, headers=_API_VERSION_HEADER)
         m = re.fullmatch(r"/v2/(?P<name>.+)/(?P<kind>blobs|manifests)/(?P<ref>[^/]+)", path)
@@ -1316,7 +1329,12 @@ class LyingUpstream(_ThreadedServer):
             "ETag": f'"{content.digest}"',
         }
         status, start = 200, 0
-        if isinstance(behavior, Serve) and method == "GET" and "Range" in request.headers:
+        if (
+            isinstance(behavior, Serve)
+            and behavior.ranges
+            and method == "GET"
+            and "Range" in request.headers
+        ):
             rng = re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers["Range"].strip())
             if rng:
                 start = int(rng[1])
