@@ -46,6 +46,16 @@ async def fetch(cache, digest: str) -> tuple[int, bytes | None]:  # type: ignore
         return r.status, None
 
 
+async def assert_cached_soon(cache, digest: str) -> None:  # type: ignore[no-untyped-def]
+    """The whole blob is committed to the store within 5 s (the fetch may outlive the client)."""
+    store = cache.server.app[STORE]
+    for _ in range(100):
+        if await store.blob_size(Digest.parse(digest)) is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert await store.blob_size(Digest.parse(digest)) == len(BLOB)
+
+
 async def assert_not_cached(cache, digest: str) -> None:  # type: ignore[no-untyped-def]
     store = cache.server.app[STORE]
     assert await store.blob_size(Digest.parse(digest)) is None
@@ -98,12 +108,7 @@ async def test_a_body_that_breaks_off_is_resumed_where_it_stopped(
     assert status == 200 and body == BLOB  # the client never noticed
     half = len(BLOB) // 2
     assert lying_upstream.ranges(f"/blobs/{digest}") == [None, f"bytes={half}-"]
-    store = cache.server.app[STORE]
-    for _ in range(100):
-        if await store.blob_size(Digest.parse(digest)) is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert await store.blob_size(Digest.parse(digest)) == len(BLOB)
+    await assert_cached_soon(cache, digest)
 
 
 async def test_a_resume_answered_with_other_bytes_is_not_cached(
@@ -187,12 +192,7 @@ async def test_cache_write_survives_the_client_leaving(
     first = await r.content.readexactly(1024)
     assert first == BLOB[:1024]
     r.close()
-    store = cache.server.app[STORE]
-    for _ in range(100):
-        if await store.blob_size(Digest.parse(digest)) is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert await store.blob_size(Digest.parse(digest)) == len(BLOB)
+    await assert_cached_soon(cache, digest)
     status, body = await fetch(cache, digest)
     assert status == 200 and body == BLOB
     assert lying_upstream.count("GET", f"/blobs/{digest}") == 1
