@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import sys
+import tempfile
 from typing import TYPE_CHECKING, NoReturn
 
 from storage import StoreError, validate_name
@@ -27,6 +28,22 @@ __all__ = ["main"]
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _writable_dir(path: str, what: str) -> None:
+    """Create ``path`` if needed and make sure it is a directory this process can write in
+    (a read-only mount or a file in the way is said now, not as a 500 on the first push)."""
+    if not path:
+        raise ConfigError(f"{what} is empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what} {path} is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".bastion-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not writable: {e.strerror or e}") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -133,6 +150,7 @@ def _run_mirror(args: argparse.Namespace, config: Config) -> int:
     from .mirror_commands import (
         CommandError,
         MirrorOptions,
+        UsageError,
         mirror_images,
         mirror_release,
         read_list,
@@ -147,6 +165,10 @@ def _run_mirror(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError(f"--to: {e}") from None
     if args.concurrency < 1:
         raise ConfigError("--concurrency must be at least 1")
+    if not args.dry_run:
+        _writable_dir(config.storage.root, "storage root")
+        if args.out_dir:
+            _writable_dir(args.out_dir, "--out-dir")
     options = MirrorOptions(
         to=args.to,
         authfile=args.authfile,
@@ -162,18 +184,16 @@ def _run_mirror(args: argparse.Namespace, config: Config) -> int:
             return asyncio.run(mirror_release(config, args.source, options))
         sources = list(args.sources)
         if args.from_file:
-            if not os.path.isfile(args.from_file):
-                raise ConfigError(f"--from-file {args.from_file} not found")
             sources += read_list(args.from_file)
         if not sources:
             raise ConfigError("give at least one SOURCE_REF or --from-file")
         return asyncio.run(mirror_images(config, sources, options))
     except CommandError as e:
         print(f"bastion: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
 
 
-def _import_options(args: argparse.Namespace) -> ImportOptions:
+def _import_options(args: argparse.Namespace, config: Config) -> ImportOptions:
     from .ferry import ImportOptions
 
     if not os.path.isdir(args.source):
@@ -186,6 +206,7 @@ def _import_options(args: argparse.Namespace) -> ImportOptions:
                 "--authfile, --plain-http, --no-tls-verify, --ca-file and "
                 "--chunk-size only apply with --to"
             )
+        _writable_dir(config.storage.root, "storage root")
         return options
     host, _, prefix = args.to.partition("/")
     if not host or host.startswith(("http:", "https:")):
@@ -233,7 +254,7 @@ def _run_ferry(args: argparse.Namespace, config: Config) -> int:
                 )
                 line = asyncio.run(export_store(config, options, progress))
             else:
-                line = asyncio.run(import_layout(config, _import_options(args), progress))
+                line = asyncio.run(import_layout(config, _import_options(args, config), progress))
         except FerryError as e:
             for failure in e.lines:
                 print(f"bastion: {failure}", file=sys.stderr)
@@ -265,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if args.command == "serve":
+            _writable_dir(config.storage.root, "storage root")
             serve(config)
         elif args.command == "mirror":
             return _run_mirror(args, config)

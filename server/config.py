@@ -188,8 +188,25 @@ def _load_storage(data: Any) -> StorageConfig:
     )
 
 
+def _existing_file(data: dict[str, Any], key: str, what: str) -> str | None:
+    path: str | None = _typed(data, key, str, what, None)
+    if path is not None and not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"{what}.{key}: {path} not found")
+    return path
+
+
+def _seconds(data: dict[str, Any], key: str, what: str, default: float, *, zero: bool) -> float:
+    value = float(_typed(data, key, float, what, default))
+    if value < 0 or (value == 0 and not zero):
+        wanted = "0 or more" if zero else "more than 0"
+        raise ConfigError(f"{what}.{key}: expected {wanted} seconds, got {value:g}")
+    return value
+
+
 def _load_upstream(host: str, data: Any) -> UpstreamConfig:
     what = f"upstreams.{host}"
+    if data is None:
+        raise ConfigError(f"{what}: expected a mapping with at least 'url:', got nothing")
     d = _section(data, what, set(UpstreamConfig.__dataclass_fields__) - {"host"})
     url = _typed(d, "url", str, what, f"https://{host}")
     if not re.match(r"https?://", url):
@@ -200,15 +217,31 @@ def _load_upstream(host: str, data: Any) -> UpstreamConfig:
     up = UpstreamConfig(
         host=host,
         url=url.rstrip("/"),
+        # a missing authfile means anonymous access, as in containers/image
         authfile=_typed(d, "authfile", str, what, None),
-        ca_file=_typed(d, "ca_file", str, what, None),
+        ca_file=_existing_file(d, "ca_file", what),
         tls_verify=_typed(d, "tls_verify", bool, what, True),
         namespace=namespace or host,
-        connect_timeout=_typed(d, "connect_timeout", float, what, 10.0),
-        read_timeout=_typed(d, "read_timeout", float, what, 60.0),
-        tag_ttl=_typed(d, "tag_ttl", float, what, 300.0),
+        connect_timeout=_seconds(d, "connect_timeout", what, 10.0, zero=False),
+        read_timeout=_seconds(d, "read_timeout", what, 60.0, zero=False),
+        tag_ttl=_seconds(d, "tag_ttl", what, 300.0, zero=True),
     )
     return up
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last
+    one silently, so a typo'd duplicate would quietly override a setting)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"key {key!r} given twice (line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -217,11 +250,17 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     if path is not None:
         try:
             with open(os.path.expanduser(path), encoding="utf-8") as f:
-                raw = yaml.safe_load(f) or {}
+                raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory") from None
         except OSError as e:
             raise ConfigError(f"config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""

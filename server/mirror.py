@@ -34,6 +34,7 @@ from .upstream import (
     UpstreamError,
     UpstreamNotFound,
     UpstreamUnavailable,
+    UpstreamUnreachable,
 )
 
 __all__ = ["Mirror", "MirrorError", "ImageJob", "ManifestNode", "Summary"]
@@ -161,7 +162,8 @@ class Mirror:
             try:
                 return await attempt()
             except (UpstreamUnavailable, FillFailed) as e:
-                if isinstance(e, SourceMissing) or n == _ATTEMPTS:
+                never_reached = isinstance(e, UpstreamUnreachable) and not e.reached_before
+                if isinstance(e, SourceMissing) or never_reached or n == _ATTEMPTS:
                     raise
                 log.warning(
                     "%s: %s (attempt %d of %d, retrying in %.0fs)", what, e, n, _ATTEMPTS, delay

@@ -39,6 +39,10 @@ class CommandError(Exception):
     """A failure to report as one line, exit code 1."""
 
 
+class UsageError(CommandError):
+    """Bad input from the user (a malformed reference, an unreadable list): exit code 2."""
+
+
 @dataclass
 class MirrorOptions:
     to: str | None = None
@@ -95,11 +99,23 @@ def _print_dry_run(jobs: list[ImageJob], missing: dict[Digest, tuple[int, ImageJ
     out.write(f"would fetch {len(missing)} blobs, {_size(total)}; {len(jobs)} images\n")
 
 
-def _emit(options: MirrorOptions, files: dict[str, str]) -> None:
+def _write_out_dir(options: MirrorOptions, files: dict[str, str]) -> list[str]:
+    """Write the configuration files to ``--out-dir`` first: "Success" is printed only after."""
+    if not options.out_dir:
+        return []
+    try:
+        return snippets.write(files, options.out_dir)
+    except OSError as e:
+        raise CommandError(
+            f"the mirror is complete, but writing to --out-dir {options.out_dir} failed: "
+            f"{e.strerror or e}"
+        ) from None
+
+
+def _emit(options: MirrorOptions, files: dict[str, str], written: list[str]) -> None:
     for name, content in files.items():
         sys.stdout.write(f"\n# {name}\n{content}")
-    if options.out_dir:
-        written = snippets.write(files, options.out_dir)
+    if written:
         sys.stdout.write(f"\nwrote {len(written)} files to {options.out_dir}\n")
 
 
@@ -143,7 +159,7 @@ async def mirror_release(config: Config, source: str, options: MirrorOptions) ->
     try:
         ref = ImageReference.parse(source)
     except ReferenceError as e:
-        raise CommandError(str(e)) from None
+        raise UsageError(str(e)) from None
     store = _store(config)
     with Progress(enabled=not options.dry_run) as progress:
         mirror = Mirror(
@@ -209,6 +225,7 @@ async def _mirror_release(
             sigs.write_files(options.out_dir, root.digest, signatures)
         files["signature-configmap.yaml"] = sigs.configmap(root.digest, signatures)
     await _keep_config(store, sources, host, files, options.insecure)
+    written = _write_out_dir(options, files)
     out = sys.stdout
     out.write("Success\n")
     tag = f":{release_job.tags[0]}" if release_job.tags else ""
@@ -216,7 +233,7 @@ async def _mirror_release(
     out.write(f"Release digest: {root.digest}\n")
     out.write(f"Mirror prefix: {host}/{release_dest}\n")
     out.write(f"Summary: {mirror.summary.line()}\n")
-    _emit(options, files)
+    _emit(options, files, written)
     return 0
 
 
@@ -227,22 +244,36 @@ async def _stored_path(store: Store, digest: Digest) -> str:
 
 
 def read_list(path: str) -> list[str]:
+    """The references in a ``--from-file`` list: one per line, ``#`` comments and blank lines
+    skipped. A malformed line is named with its line number."""
+    refs: list[str] = []
     try:
         with open(path, encoding="utf-8") as f:
-            return [
-                line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")
-            ]
+            for number, line in enumerate(f, 1):
+                text = line.strip()
+                if not text or text.startswith("#"):
+                    continue
+                try:
+                    ImageReference.parse(text)
+                except ReferenceError as e:
+                    raise UsageError(f"{path} line {number}: {e}") from None
+                refs.append(text)
+    except IsADirectoryError:
+        raise UsageError(f"--from-file {path} is a directory, not a list of images") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--from-file {path} is not UTF-8 text") from None
     except OSError as e:
-        raise CommandError(f"cannot read {path}: {e.strerror}") from None
+        raise UsageError(f"cannot read --from-file {path}: {e.strerror}") from None
+    return refs
 
 
 async def mirror_images(config: Config, sources: Sequence[str], options: MirrorOptions) -> int:
     try:
         refs = [ImageReference.parse(s) for s in sources]
     except ReferenceError as e:
-        raise CommandError(str(e)) from None
+        raise UsageError(str(e)) from None
     if not refs:
-        raise CommandError("no images given")
+        raise UsageError("no images given")
     store = _store(config)
     with Progress(enabled=not options.dry_run, total_images=len(refs)) as progress:
         mirror = Mirror(
@@ -271,6 +302,7 @@ async def mirror_images(config: Config, sources: Sequence[str], options: MirrorO
         await _keep_config(store, mirror_map, host, files, options.insecure)
     except (StoreError, OSError) as e:
         raise _wrap_errors(e) from None
+    written = _write_out_dir(options, files)
     sys.stdout.write(f"Success\nSummary: {mirror.summary.line()}\n")
-    _emit(options, files)
+    _emit(options, files, written)
     return 0

@@ -49,6 +49,31 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _claim(host: str, port: int) -> socket.socket:
+    """Make sure no other server answers on ``host:port``, and hold a machine-wide claim on
+    it for as long as this process lives. SO_REUSEPORT would otherwise let a second
+    ``bastion serve`` (same user) join the first one's port, and the kernel would split the
+    clients between two different stores."""
+    probe_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        with socket.create_connection((probe_host, port), timeout=0.5):
+            pass
+    except OSError:
+        pass  # nobody listening: good
+    else:
+        raise ServeError(f"cannot listen on {host}:{port}: another server is already listening")
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0bastion-registry serve {host}:{port}")  # abstract: gone with the process
+    except OSError:
+        claim.close()
+        raise ServeError(
+            f"cannot listen on {host}:{port}: another bastion serve is starting there"
+        ) from None
+    claim.set_inheritable(False)
+    return claim
+
+
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
     if not config.tls.cert:
         return None
@@ -90,7 +115,7 @@ def serve(config: Config) -> None:
     host, port = parse_listen(config.listen)
     workers = config.workers or os.cpu_count() or 1
     ssl_ctx = _ssl_context(config)
-    os.makedirs(config.storage.root, exist_ok=True)
+    claim = _claim(host, port)
     guard = _bind(host, port)  # held (not listening) while workers run: the port is ours
     scheme = "https" if ssl_ctx else "http"
     log.info(
@@ -137,5 +162,6 @@ def serve(config: Config) -> None:
             if p.is_alive():
                 p.kill()
         guard.close()
+        claim.close()
         log.info("stopped")
         sys.stdout.flush()

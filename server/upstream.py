@@ -32,6 +32,7 @@ __all__ = [
     "UpstreamNotFound",
     "UpstreamAuthError",
     "UpstreamUnavailable",
+    "UpstreamUnreachable",
     "UpstreamClient",
     "UpstreamBlob",
     "MANIFEST_ACCEPT",
@@ -78,6 +79,16 @@ class UpstreamAuthError(UpstreamError):
 
 class UpstreamUnavailable(UpstreamError):
     """Unreachable, timed out, or answered 5xx/429 after retries."""
+
+
+class UpstreamUnreachable(UpstreamUnavailable):
+    """No connection could be made (refused, no route, unknown name, TLS handshake refused).
+    ``reached_before``: whether this client ever had an answer from that upstream (then it is
+    a blip worth retrying later) or never (a wrong URL, host or CA: retrying will not help)."""
+
+    def __init__(self, message: str, *, reached_before: bool) -> None:
+        super().__init__(message)
+        self.reached_before = reached_before
 
 
 @dataclass
@@ -177,6 +188,7 @@ class UpstreamClient:
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._challenge: tuple[str, dict[str, str]] | None = None
         self._credentials: dict[str, Credentials] | None = None
+        self._reached = False  # ever had an answer from the upstream
 
     # ---- plumbing ----------------------------------------------------------------------------
 
@@ -323,14 +335,25 @@ class UpstreamClient:
                 hdrs["Authorization"] = authorization
             try:
                 response = await self._get_session().request(method, url, headers=hdrs)
-            except (TimeoutError, aiohttp.ClientError, OSError) as e:
+            except TimeoutError:
+                # not retried here: a client waiting on a pull-through miss gets its answer
+                # within the configured timeout; callers with time to spare retry themselves
+                raise UpstreamUnavailable(
+                    f"upstream {self.host} at {self.config.url} did not answer {path} within "
+                    f"{self.config.read_timeout:g}s (connect {self.config.connect_timeout:g}s)"
+                ) from None
+            except (aiohttp.ClientError, OSError) as e:
                 if attempt < _MAX_ATTEMPTS:
                     await asyncio.sleep(0.2 * attempt)
                     continue
-                raise UpstreamUnavailable(
+                message = (
                     f"upstream {self.host} unreachable at {self.config.url}: "
                     f"{e.__class__.__name__} {e}".rstrip()
-                ) from None
+                )
+                if isinstance(e, aiohttp.ClientConnectorError):
+                    raise UpstreamUnreachable(message, reached_before=self._reached) from None
+                raise UpstreamUnavailable(message) from None
+            self._reached = True
             if response.status == 401 and not authed_retry:
                 challenge = self._parse_challenge(response.headers.get("WWW-Authenticate", ""))
                 response.release()

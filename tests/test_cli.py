@@ -61,6 +61,83 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], fragment: str) -> No
     assert "Traceback" not in p.stderr
 
 
+def one_line(p: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
+    assert p.returncode == code, p.stderr
+    assert fragment in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_unusable_storage_roots_are_one_line(tmp_path: Path) -> None:
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    one_line(run("serve", "--root", str(a_file)), 2, f"storage root {a_file} is not a directory")
+    one_line(run("serve", "--root", str(a_file / "sub")), 2, "is not writable: Not a directory")
+    one_line(run("serve", "--root", ""), 2, "storage root is empty")
+    one_line(
+        run("mirror", "image", "--root", str(a_file), "quay.io/team/app:v1"),
+        2,
+        "is not a directory",
+    )
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    one_line(run("import", str(layout), "--root", str(a_file)), 2, "is not a directory")
+
+
+def test_mirror_input_errors_exit_2(tmp_path: Path) -> None:
+    root = str(tmp_path / "root")
+    binary = tmp_path / "list.bin"
+    binary.write_bytes(b"\xff\xfequay.io/a/b:c\n")
+    one_line(
+        run("mirror", "image", "--root", root, "--from-file", str(binary)), 2, "not UTF-8 text"
+    )
+    one_line(
+        run("mirror", "image", "--root", root, "--from-file", str(tmp_path)), 2, "is a directory"
+    )
+    junk = tmp_path / "list.txt"
+    junk.write_text("# images\nquay.io/team/app:v1\n\nnot a reference\n")
+    one_line(
+        run("mirror", "image", "--root", root, "--from-file", str(junk)), 2, "list.txt line 4:"
+    )
+    one_line(run("mirror", "image", "--root", root, "Quay.io/Team/App:v1"), 2, "bastion:")
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    one_line(
+        run("mirror", "image", "--root", root, "--out-dir", str(a_file), "quay.io/team/app:v1"),
+        2,
+        f"--out-dir {a_file} is not a directory",
+    )
+
+
+def test_an_unreachable_upstream_fails_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"upstreams:\n  quay.io:\n    url: http://127.0.0.1:{free_port()}\n")
+    t0 = time.monotonic()
+    p = run("mirror", "image", "--config", str(cfg), "--root", str(tmp_path / "r"), "quay.io/a/b:c")
+    one_line(p, 1, "upstream quay.io unreachable")
+    assert time.monotonic() - t0 < 10  # no rounds of retries for an upstream never reached
+
+
+def test_a_second_serve_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    port = free_port()
+    first = subprocess.Popen(
+        [*BASTION, "serve", "--root", str(tmp_path / "one"), "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        wait_ready(port, first)
+        second = run("serve", "--root", str(tmp_path / "two"), "--listen", f"127.0.0.1:{port}")
+        one_line(second, 1, "another server is already listening")
+        wildcard = run("serve", "--root", str(tmp_path / "two"), "--listen", f"0.0.0.0:{port}")
+        assert wildcard.returncode == 1 and "cannot listen" in wildcard.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=20)
+
+
 def test_bad_config_key(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("storage:\n  rot: /x\n")

@@ -68,6 +68,16 @@ def test_overrides_win(tmp_path: Path) -> None:
             "mappings[0].local",
         ),
         ("storage: {s3: {endpoint: 'http://x', bucket: b}}\n", "storage.s3"),
+        ("upstreams: {quay.io: null}\n", "upstreams.quay.io: expected a mapping"),
+        (
+            "upstreams: {quay.io: {ca_file: /nonexistent.pem}}\n",
+            "ca_file: /nonexistent.pem not found",
+        ),
+        ("upstreams: {quay.io: {connect_timeout: -1}}\n", "connect_timeout: expected more than 0"),
+        ("upstreams: {quay.io: {read_timeout: 0}}\n", "read_timeout: expected more than 0"),
+        ("upstreams: {quay.io: {tag_ttl: -5}}\n", "tag_ttl: expected 0 or more"),
+        ("workers: 2\nlisten: ':5000'\nworkers: 4\n", "key 'workers' given twice (line 3)"),
+        ("upstreams:\n  quay.io: {url: 'https://a', url: 'https://b'}\n", "'url' given twice"),
     ],
 )
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) -> None:
@@ -80,6 +90,15 @@ def test_bad_config_names_the_problem(tmp_path: Path, text: str, fragment: str) 
 def test_missing_file() -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.yaml")
+
+
+def test_unreadable_files_are_one_line(tmp_path: Path) -> None:
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfeworkers: 1\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(str(binary))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
 
 
 @pytest.mark.parametrize(
