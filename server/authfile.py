@@ -63,20 +63,21 @@ def load_authfile(path: str) -> dict[str, Credentials]:
         key = str(key)
         if not isinstance(entry, dict):
             raise AuthFileError(f"authfile {path}: entry {key!r} is not an object")
-        creds = _entry_credentials(entry)
+        creds = _entry_credentials(entry, f"authfile {path}: entry {key!r}")
         if creds is None:
             continue  # e.g. an identity-token-only entry: treated as anonymous
         out[_normalise_key(key)] = creds
     return out
 
 
-def _entry_credentials(entry: dict[str, object]) -> Credentials | None:
+def _entry_credentials(entry: dict[str, object], what: str) -> Credentials | None:
     auth = entry.get("auth")
     if isinstance(auth, str) and auth:
         try:
-            decoded = base64.b64decode(auth, validate=False).decode()
+            decoded = base64.b64decode("".join(auth.split()), validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
-            return None
+            # as containers/image: a broken entry is an error, not silently anonymous
+            raise AuthFileError(f"{what}: 'auth' is not base64 of user:password") from None
         user, sep, password = decoded.partition(":")
         if sep:
             return Credentials(user, password)

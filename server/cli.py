@@ -10,12 +10,15 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 import tempfile
-from typing import TYPE_CHECKING, NoReturn
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from storage import StoreError, validate_name
 
+from .authfile import AuthFileError, load_authfile
 from .config import Config, ConfigError, load_config, parse_size
 from .serve import ServeError, serve
 
@@ -23,6 +26,12 @@ if TYPE_CHECKING:
     from .ferry import ImportOptions
 
 __all__ = ["main"]
+
+#: What the cluster may call this registry: a DNS name, IPv4 or [IPv6], optional port.
+_HOST_PORT_RE: Final = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+    r"[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,11 +60,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", metavar="DIR", help="storage root, overriding storage.root")
 
 
+def _version() -> str:
+    try:
+        return version("bastion-registry")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bastion",
         description="bastion-registry: OCI registry, pull-through cache and air-gap ferry",
     )
+    parser.add_argument("--version", action="version", version=f"bastion {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     s = sub.add_parser("serve", help="serve the registry over HTTP")
@@ -156,8 +173,13 @@ def _run_mirror(args: argparse.Namespace, config: Config) -> int:
         read_list,
     )
 
-    if args.authfile and not os.path.isfile(os.path.expanduser(args.authfile)):
-        raise ConfigError(f"authfile {args.authfile} not found")
+    if args.authfile:
+        try:
+            load_authfile(args.authfile)  # a broken pull secret is said now, not as "refused"
+        except AuthFileError as e:
+            raise ConfigError(str(e)) from None
+    if args.mirror_host and not _HOST_PORT_RE.fullmatch(args.mirror_host):
+        raise ConfigError(f"--mirror-host {args.mirror_host!r}: expected HOST or HOST:PORT")
     if args.to is not None:
         try:
             validate_name(args.to)

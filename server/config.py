@@ -15,6 +15,8 @@ import yaml
 
 from storage import InvalidName, validate_name
 
+from .authfile import AuthFileError, load_authfile
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -195,6 +197,18 @@ def _existing_file(data: dict[str, Any], key: str, what: str) -> str | None:
     return path
 
 
+def _authfile(data: dict[str, Any], what: str) -> str | None:
+    """The pull secret's path. A missing file means anonymous access, as in containers/image;
+    one that exists must parse (a typo in it would otherwise surface as "auth refused")."""
+    path: str | None = _typed(data, "authfile", str, what, None)
+    if path is not None and os.path.exists(os.path.expanduser(path)):
+        try:
+            load_authfile(path)
+        except AuthFileError as e:
+            raise ConfigError(f"{what}.authfile: {e}") from None
+    return path
+
+
 def _seconds(data: dict[str, Any], key: str, what: str, default: float, *, zero: bool) -> float:
     value = float(_typed(data, key, float, what, default))
     if value < 0 or (value == 0 and not zero):
@@ -217,8 +231,7 @@ def _load_upstream(host: str, data: Any) -> UpstreamConfig:
     up = UpstreamConfig(
         host=host,
         url=url.rstrip("/"),
-        # a missing authfile means anonymous access, as in containers/image
-        authfile=_typed(d, "authfile", str, what, None),
+        authfile=_authfile(d, what),
         ca_file=_existing_file(d, "ca_file", what),
         tls_verify=_typed(d, "tls_verify", bool, what, True),
         namespace=namespace or host,

@@ -121,7 +121,7 @@ def serve(config: Config) -> None:
     log.info(
         "bastion-registry serving on %s://%s:%d (store %s, %d worker%s)",
         scheme,
-        host,
+        f"[{host}]" if ":" in host else host,
         port,
         os.path.abspath(config.storage.root),
         workers,

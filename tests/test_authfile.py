@@ -25,7 +25,9 @@ def test_pull_secret_shapes(tmp_path: Path) -> None:
         {
             "auths": {
                 "quay.io": {
-                    "auth": b64("openshift-release-dev+ocm:TOKEN:with:colons"),
+                    "auth": b64("openshift-release-dev+ocm:TOKEN:with:colons")[:20]
+                    + "\n"
+                    + b64("openshift-release-dev+ocm:TOKEN:with:colons")[20:],
                     "email": "x@y",
                 },
                 "https://registry.redhat.io/v1/": {"auth": b64("rh:pw")},
@@ -52,6 +54,8 @@ def test_pull_secret_shapes(tmp_path: Path) -> None:
         ("{not json", "not valid JSON"),
         ("[]", 'no "auths"'),
         ('{"auths": {"h": 1}}', "not an object"),
+        ('{"auths": []}', 'no "auths"'),
+        ('{"auths": {"quay.io": {"auth": "%%%not-base64"}}}', "'quay.io': 'auth' is not base64"),
     ],
 )
 def test_bad_authfiles(tmp_path: Path, content: str, fragment: str) -> None:

@@ -109,6 +109,20 @@ def test_mirror_input_errors_exit_2(tmp_path: Path) -> None:
     )
 
 
+def test_version_and_mirror_arguments(tmp_path: Path) -> None:
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.startswith("bastion ")
+    root = str(tmp_path / "root")
+    ref = "quay.io/team/app:v1"
+    one_line(run("mirror", "image", "--root", root, "--mirror-host", "not a host", ref), 2, "HOST")
+    bad = tmp_path / "auth.json"
+    bad.write_text('{"auths": {"quay.io": {"auth": "%%%"}}}')
+    one_line(
+        run("mirror", "image", "--root", root, "--authfile", str(bad), ref), 2, "is not base64"
+    )
+    assert "%%%" not in run("mirror", "image", "--authfile", str(bad), ref).stderr
+
+
 def test_an_unreachable_upstream_fails_at_once(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"upstreams:\n  quay.io:\n    url: http://127.0.0.1:{free_port()}\n")
