@@ -7,6 +7,8 @@ configuration files kept in the store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import fnmatch
 import functools
 import json
@@ -15,13 +17,15 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from storage import Digest, Store, StoreError, validate_name, volumes
 from storage import layout as oci
+from storage.driver.filesystem import TMP_PREFIX
 
-from .config import Config
+from .config import Config, ConfigError
 from .ferry import (
     EXPORT_JSON,
     FORMAT,
@@ -29,9 +33,11 @@ from .ferry import (
     PARTIAL_JSON,
     ExportOptions,
     FerryError,
+    digest_line,
     gather_limited,
     load_previous,
     open_store,
+    os_error_line,
     read_json,
 )
 from .mirror import _size
@@ -197,18 +203,104 @@ async def select(store: Store, config: Config, options: ExportOptions) -> list[R
 # ---- export -----------------------------------------------------------------------------------
 
 
-def _prepare_directory(directory: str) -> str | None:
-    """Id of an interrupted export to continue in ``directory``, or None for a fresh one."""
+def _selection(options: ExportOptions, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """What the export carries, as its in-progress marker records it: a rerun continues the
+    export only if it asks for the same."""
+    return {
+        "repos": sorted(set(options.repos)),
+        "release": options.release,
+        "since": previous["id"] if previous else None,
+        "split_size": options.split_size,
+    }
+
+
+def _arguments(selection: dict[str, Any]) -> str:
+    """The arguments that ask for ``selection``."""
+    words = [f"--repo {r}" for r in selection.get("repos") or []]
+    if selection.get("release"):
+        words.append(f"--release {selection['release']}")
+    if selection.get("since"):
+        words.append(f"--since (export {selection['since']})")
+    if selection.get("split_size"):
+        words.append(f"--split-size {_size(selection['split_size'])}")
+    return " ".join(words) or "everything (no --repo, --release, --since or --split-size)"
+
+
+def _read_marker(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            marker = json.loads(f.read(META_LIMIT))
+    except (OSError, ValueError):
+        marker = None
+    if not isinstance(marker, dict) or not isinstance(marker.get("id"), str):
+        raise ConfigError(f"{path} is unreadable: export to a new directory")
+    return marker
+
+
+def _prepare_directory(directory: str, selection: dict[str, Any]) -> str | None:
+    """Id of the interrupted export of ``selection`` to continue in ``directory``, None for a
+    fresh one; ``ConfigError`` if ``directory`` cannot take this export."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"--to {directory} is a file, not a directory")
     if os.path.exists(os.path.join(directory, EXPORT_JSON)):
         doc = read_json(os.path.join(directory, EXPORT_JSON))
-        raise FerryError(f"{directory} already holds export {doc['id']}; export to a new directory")
+        raise ConfigError(
+            f"{directory} already holds export {doc['id']}; export to a new directory"
+        )
     partial = os.path.join(directory, PARTIAL_JSON)
     if os.path.exists(partial):
-        with open(partial, "rb") as f:
-            return str(json.loads(f.read(4096))["id"])
+        marker = _read_marker(partial)
+        recorded = marker.get("selection", selection)  # markers of older versions record none
+        if recorded != selection:
+            raise ConfigError(
+                f"{directory} holds an interrupted export of {_arguments(recorded)}, not of "
+                f"{_arguments(selection)}: rerun it with the same arguments or export to a "
+                f"new directory"
+            )
+        return str(marker["id"])
     if os.path.isdir(directory) and os.listdir(directory):
-        raise FerryError(f"{directory} is not empty and holds no interrupted export")
+        raise ConfigError(f"{directory} is not empty and holds no interrupted export")
     return None
+
+
+@contextlib.contextmanager
+def _exclusive(directory: str) -> Iterator[None]:
+    """Hold ``directory`` (created if need be) for this run: ``FerryError`` if another export
+    is writing there, ``ConfigError`` if it cannot be created."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise ConfigError(os_error_line(e)) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FerryError(f"another export is writing to {directory}") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+async def _begin(directory: str, marker: dict[str, Any]) -> None:
+    """Write the in-progress marker, the run's first write: a directory that cannot be
+    written is said now, as a usage problem."""
+    try:
+        await oci.LayoutWriter(directory).put_json(PARTIAL_JSON, marker)
+    except OSError as e:
+        raise ConfigError(os_error_line(e)) from None
+
+
+def _remove_temporaries(directory: str) -> int:
+    """Remove the temporary files an interrupted run left under ``directory`` (partial blobs
+    and volumes, never renamed into place); returns how many."""
+    removed = 0
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            if name.startswith(TMP_PREFIX):
+                os.unlink(os.path.join(parent, name))
+                removed += 1
+    return removed
 
 
 @dataclass
@@ -235,32 +327,63 @@ class ExportSummary:
 
 
 async def export_store(config: Config, options: ExportOptions, progress: Progress) -> str:
-    """Write the export (as volumes with ``split_size``); returns its summary line."""
-    if options.split_size is None:
-        return await _export_layout(config, options, options.to, progress)
-    size = options.split_size
-    if size < volumes.MIN_VOLUME:
-        raise FerryError(f"--split-size must be at least {_size(volumes.MIN_VOLUME)}")
-    if os.path.exists(os.path.join(options.to, EXPORT_JSON)):
-        doc = read_json(os.path.join(options.to, EXPORT_JSON))
-        raise FerryError(
-            f"{options.to} already holds export {doc['id']}; export to a new directory"
+    """Write the export (as volumes with ``split_size``); returns its summary line. Until it
+    is complete the directory holds ``PARTIAL_JSON`` (the export's id, base and selection),
+    so that a rerun with the same arguments continues it."""
+    try:
+        return await _export(config, options, progress)
+    except OSError as e:
+        raise FerryError(os_error_line(e)) from None
+
+
+async def _export(config: Config, options: ExportOptions, progress: Progress) -> str:
+    if options.split_size is not None and options.split_size < volumes.MIN_VOLUME:
+        raise ConfigError(f"--split-size must be at least {_size(volumes.MIN_VOLUME)}")
+    store = open_store(config, existing=True)
+    previous = load_previous(options.since) if options.since else None
+    selection = _selection(options, previous)
+    _prepare_directory(options.to, selection)  # what is wrong is said before selecting
+    roots = await select(store, config, options)
+    if not roots:
+        raise FerryError("nothing to export: the selection holds no complete image")
+    with _exclusive(options.to):
+        resumed = _prepare_directory(options.to, selection)  # again, now that it is held
+        export_id = (
+            resumed or time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
         )
-    layout = os.path.join(options.to, "layout")
+        base = previous["id"] if previous else None
+        await _begin(options.to, {"id": export_id, "base": base, "selection": selection})
+        if resumed:
+            loop = asyncio.get_running_loop()
+            stale = await loop.run_in_executor(None, _remove_temporaries, options.to)
+            log.info("continuing export %s (%d temporary files removed)", export_id, stale)
+        run = _Run(store, roots, previous, export_id, resumed is not None, options.concurrency)
+        if options.split_size is None:
+            line = await _write_layout(run, options.to, progress)
+        else:
+            line = await _write_volumes(run, options.to, options.split_size, progress)
+        await oci.LayoutWriter(options.to).driver.delete(PARTIAL_JSON)
+    return line
+
+
+async def _write_volumes(run: _Run, directory: str, size: int, progress: Progress) -> str:
+    """The layout in ``directory/layout`` (unless complete already), then packed into
+    volumes of at most ``size`` bytes beside it and removed."""
+    layout = os.path.join(directory, "layout")
     if os.path.exists(os.path.join(layout, EXPORT_JSON)):
-        line = f"export {read_json(os.path.join(layout, EXPORT_JSON))['id']} (layout complete)"
+        line = f"export {run.export_id} (layout complete)"
     else:
-        line = await _export_layout(config, options, layout, progress)
+        line = await _write_layout(run, layout, progress)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(layout) for f in fs)
     progress.bytes_done = 0
     progress.start_bytes(total)
     loop = asyncio.get_running_loop()
     names = await loop.run_in_executor(
-        None, volumes.pack, layout, options.to, size, progress.advance_bytes
+        None, volumes.pack, layout, directory, size, progress.advance_bytes
     )
     with open(os.path.join(layout, EXPORT_JSON), "rb") as f:
         description = f.read(META_LIMIT)
-    await oci.LayoutWriter(options.to).driver.put_content(EXPORT_JSON, description)
+    await oci.LayoutWriter(directory).driver.put_content(EXPORT_JSON, description)
     await loop.run_in_executor(None, shutil.rmtree, layout)
     return f"{line}; {len(names)} volumes of at most {_size(size)}"
 
@@ -294,34 +417,42 @@ def _plan(roots: list[Root], previous: dict[str, Any] | None) -> _Plan:
     return _Plan(entries, blobs, manifests, before)
 
 
-async def _export_layout(
-    config: Config, options: ExportOptions, directory: str, progress: Progress
-) -> str:
-    previous = load_previous(options.since) if options.since else None
-    resumed_id = _prepare_directory(directory)
-    store = open_store(config)
-    roots = await select(store, config, options)
-    if not roots:
-        raise FerryError("nothing to export: the selection holds no complete image")
-    export_id = resumed_id or time.strftime("%Y%m%dT%H%M%SZ-", time.gmtime()) + uuid.uuid4().hex[:8]
-    plan = _plan(roots, previous)
-    summary = ExportSummary(export_id, len(plan.entries), len({r.repository for r in plan.entries}))
+@dataclass
+class _Run:
+    """One run of an export: what it carries, and whether it continues an interrupted one."""
+
+    store: Store
+    roots: list[Root]
+    previous: dict[str, Any] | None
+    export_id: str
+    resumed: bool
+    concurrency: int
+
+
+async def _write_layout(run: _Run, directory: str, progress: Progress) -> str:
+    """Write the layout in ``directory``, its description last; returns the summary line. A
+    resumed run keeps the blobs already there that it carries and removes the others."""
+    plan = _plan(run.roots, run.previous)
+    summary = ExportSummary(
+        run.export_id, len(plan.entries), len({r.repository for r in plan.entries})
+    )
     summary.carried_before = plan.carried_before
     progress.set_total_images(len(plan.entries))
     writer = oci.LayoutWriter(directory)
-    base = previous["id"] if previous else None
-    await writer.put_json(PARTIAL_JSON, {"id": export_id, "base": base})
+    if run.resumed:
+        await writer.prune(plan.blobs.keys() | plan.manifests.keys())
+        await writer.clear_extras()
     await writer.start()
-    await _copy_blobs(store, writer, plan.blobs, summary, progress, options.concurrency)
+    await _copy_blobs(run.store, writer, plan.blobs, summary, progress, run.concurrency)
     for tree in plan.manifests.values():
         await writer.put_manifest(tree)
     for root in plan.entries:
         progress.image_done(root)
-    selected = {n.digest for r in roots for n in r.tree.walk()}
-    signatures = await oci.signature_files(store, selected)
+    selected = {n.digest for r in run.roots for n in r.tree.walk()}
+    signatures = await oci.signature_files(run.store, selected)
     for rel, data in signatures:
         await oci.put_layout_signature(writer, rel, data)
-    configs = await _mirror_config(store, {r.repository for r in roots})
+    configs = await _mirror_config(run.store, {r.repository for r in run.roots})
     for rel, data in configs:
         await oci.put_mirror_config(writer.driver, rel, data)
     await writer.write_index(
@@ -330,11 +461,10 @@ async def _export_layout(
             for r in plan.entries
         ]
     )
-    doc = _description(export_id, previous, plan, roots)
+    doc = _description(run.export_id, run.previous, plan, run.roots)
     doc["signatures"] = [rel for rel, _ in signatures]
     doc["mirror_config"] = [rel for rel, _ in configs]
     await writer.put_json(EXPORT_JSON, doc)
-    await writer.driver.delete(PARTIAL_JSON)
     return summary.line()
 
 
@@ -413,7 +543,7 @@ async def _copy_blobs(
         try:
             await oci.copy_store_blob(store, writer, digest, size, progress.advance_bytes)
         except StoreError as e:
-            failures.append(f"blob {digest}: {e}")
+            failures.append(digest_line(digest, str(e)))
             return
         summary.written += 1
         summary.written_bytes += size

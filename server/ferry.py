@@ -13,13 +13,15 @@ Beside the layout (``storage.layout``), ``bastion-export.json`` describes the ex
      "mirror_config": ["<name>/<file>", ...]}     the mirror step's configuration files
 
 so ``--since`` needs only that file to compute an increment. While an export runs the directory
-holds ``bastion-export.partial.json`` instead (its id and base), so a rerun continues it.
+holds ``bastion-export.partial.json`` instead (its id, base and selection), so a rerun with the
+same arguments continues it; a rerun asking for something else is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -36,6 +38,8 @@ from storage import (
     DigestMismatch,
     FilesystemDriver,
     InvalidName,
+    ManifestInvalid,
+    SizeMismatch,
     StorageDriver,
     Store,
     StoreError,
@@ -44,6 +48,8 @@ from storage import (
 )
 from storage import layout as oci
 from storage.digest import validate_name, validate_tag
+from storage.driver.filesystem import TMP_PREFIX
+from storage.manifest import MANIFEST_TYPES
 
 from .config import Config, ConfigError
 from .mirror import _size
@@ -57,12 +63,17 @@ __all__ = [
     "ExportOptions",
     "FerryError",
     "FerryProgress",
+    "Fallback",
     "ImportOptions",
     "LayoutTrees",
+    "ListedTag",
     "Target",
+    "digest_line",
     "gather_limited",
+    "listed_tags",
     "load_previous",
     "open_store",
+    "os_error_line",
     "read_json",
     "unpacked_volumes",
     "write_out_dir",
@@ -75,6 +86,11 @@ PARTIAL_JSON: Final = "bastion-export.partial.json"
 FORMAT: Final = 1
 #: bastion-export.json of a large release chain lists tens of thousands of digests.
 META_LIMIT: Final = 256 * 1024 * 1024
+#: Errors only writing gives: said as "cannot write to".
+_WRITE_ERRNOS: Final = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+#: (repository, tag, digest) of a tag ``bastion-export.json`` lists.
+ListedTag = tuple[str, str, Digest]
 
 
 class FerryError(Exception):
@@ -121,8 +137,35 @@ class ImportOptions:
     chunk_size: int | None = None
 
 
-def open_store(config: Config) -> Store:
-    return Store(FilesystemDriver(config.storage.root), config.limits.manifest_size)
+def open_store(config: Config, *, existing: bool = False) -> Store:
+    """The store at ``storage.root``, created if need be unless ``existing`` (export: a store
+    to read must be there); ``ConfigError`` if it cannot be."""
+    root = config.storage.root
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"storage root {root} is not a directory")
+    if existing and not os.path.exists(root):
+        raise ConfigError(f"storage root {root} does not exist")
+    return Store(FilesystemDriver(root), config.limits.manifest_size)
+
+
+def os_error_line(e: OSError) -> str:
+    """``e`` as one sentence without its errno number, naming the file it concerns (the
+    directory of a temporary file, whose name means nothing to a user)."""
+    reason = e.strerror or str(e)
+    reason = reason[:1].lower() + reason[1:]
+    path = os.fsdecode(e.filename) if e.filename is not None else None
+    if path is None:
+        return reason
+    if os.path.basename(path).startswith(TMP_PREFIX):
+        path = os.path.dirname(path)
+    if e.errno in _WRITE_ERRNOS:
+        return f"cannot write to {path}: {reason}"
+    return f"cannot access {path}: {reason}"
+
+
+def digest_line(digest: Digest, why: str) -> str:
+    """``why`` prefixed by ``digest`` unless it names the digest already (it reads once)."""
+    return why if str(digest) in why else f"{digest}: {why}"
 
 
 async def gather_limited(n: int, jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
@@ -178,7 +221,8 @@ def is_tag(text: str) -> bool:
 
 @dataclass
 class Target:
-    """One index.json entry to import: where it goes and its verified tree (None if bad)."""
+    """One index.json entry to import: where it goes and its verified tree (None if bad or
+    refused)."""
 
     repository: str
     tag: str | None
@@ -194,8 +238,9 @@ Fallback = Callable[[str, Digest], Awaitable[bytes | None]]
 class LayoutTrees:
     """The manifest trees of a layout's index entries, every manifest verified against its
     digest; what is wrong is collected in ``bad`` (digest -> why) with the repositories each
-    digest belongs to in ``owners``. ``missing`` holds what neither the layout nor the
-    fallback has (an increment imported before its base)."""
+    digest belongs to in ``owners``, and entries that cannot be imported at all (an invalid
+    name or tag, a wrong descriptor) in ``refused`` (one line each). ``missing`` holds what
+    neither the layout nor the fallback has (an increment imported before its base)."""
 
     def __init__(self, reader: oci.LayoutReader, limit: int, fallback: Fallback) -> None:
         self.reader = reader
@@ -205,22 +250,31 @@ class LayoutTrees:
         self.owners: dict[Digest, set[str]] = {}
         self.blob_sizes: dict[Digest, int] = {}
         self.missing: set[Digest] = set()
+        self.refused: list[str] = []
 
     async def targets(
         self, repo_option: str | None, rename: Callable[[str], str] = str
     ) -> list[Target]:
-        """The index entries, each with its tree read; ``rename`` maps the repository an entry
+        """The index entries, each with its tree read unless the entry is refused (its tree
+        stays None, so nothing of it is imported); ``rename`` maps the repository an entry
         names to the one it goes to."""
         try:
             entries = await self.reader.entries()
         except oci.LayoutError as e:
             raise FerryError(str(e)) from None
         out = []
-        for entry in entries:
+        for position, entry in enumerate(entries):
             repo, tag = destination(entry, repo_option)
             target = Target(rename(repo), tag, entry)
             d = entry.descriptor
-            target.tree = await self.read_tree(target.repository, d.digest, d.media_type)
+            try:
+                check_entry(entry, repo, target)
+                target.tree = await self.read_tree(
+                    target.repository, d.digest, d.media_type, d.size
+                )
+            except StoreError as e:
+                name = entry.ref_name or str(d.digest)
+                self.refused.append(f"index.json manifests[{position}] ({name}): {e}; not imported")
             out.append(target)
         return out
 
@@ -233,8 +287,11 @@ class LayoutTrees:
         return body
 
     async def read_tree(
-        self, repo: str, digest: Digest, media_type: str | None
+        self, repo: str, digest: Digest, media_type: str | None, size: int = -1
     ) -> oci.ManifestTree | None:
+        """The verified tree of ``digest`` (None if it is bad, see ``bad``); ``SizeMismatch``
+        and nothing recorded if the manifest has not the ``size`` its descriptor gives (unless
+        negative): the descriptor is wrong, not the manifest."""
         self.owners.setdefault(digest, set()).add(repo)
         try:
             body = await self.manifest_body(repo, digest)
@@ -245,31 +302,98 @@ class LayoutTrees:
             self.bad.setdefault(digest, "manifest missing from the layout")
             self.missing.add(digest)
             return None
+        oci.check_described_size(size, len(body), "the manifest")
         try:
             node, children = oci.tree_from_body(digest, body, media_type)
         except StoreError as e:
             self.bad[digest] = str(e)
             return None
-        for blob, size in node.blobs.items():
+        for blob, blob_size in node.blobs.items():
             self.owners.setdefault(blob, set()).add(repo)
-            self.blob_sizes[blob] = size
-        found = [await self.read_tree(repo, c, t) for c, t in children]
+            self.blob_sizes[blob] = blob_size
+        found = [await self.read_child(repo, *child) for child in children]
         if any(c is None for c in found):
             return None
         node.children = [c for c in found if c is not None]
         return node
+
+    async def read_child(
+        self, repo: str, digest: Digest, media_type: str | None, size: int
+    ) -> oci.ManifestTree | None:
+        """``read_tree`` of a list's child; a wrong size in the list's descriptor of it makes
+        the child bad (so the list is not imported)."""
+        try:
+            return await self.read_tree(repo, digest, media_type, size)
+        except SizeMismatch as e:
+            self.bad[digest] = str(e)
+            return None
 
     def complete(self, tree: oci.ManifestTree) -> bool:
         return all(
             n.digest not in self.bad and not (n.blobs.keys() & self.bad.keys()) for n in tree.walk()
         )
 
+    def good(self, target: Target) -> bool:
+        """Whether ``target`` was read whole and nothing of its tree is bad (so far)."""
+        return target.tree is not None and self.complete(target.tree)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.bad or self.refused)
+
+    def unwritten_tags(self, tags: list[ListedTag], targets: list[Target]) -> list[ListedTag]:
+        """The ``listed_tags`` no index entry sets, but those on the manifest of an entry that
+        failed (already named by its own line)."""
+        entries = {(t.repository, t.tag) for t in targets}
+        failed = {t.entry.descriptor.digest for t in targets if not self.good(t)}
+        return [(r, t, d) for r, t, d in tags if (r, t) not in entries and d not in failed]
+
     def failure_lines(self, errors: Sequence[str] = ()) -> list[str]:
-        """One line per bad digest naming the repositories it belongs to, after ``errors``."""
-        return [*errors] + [
-            f"{d}: {why} (in {', '.join(sorted(self.owners.get(d, {'?'})))})"
+        """``errors``, the refused entries, then one line per bad digest naming the
+        repositories it belongs to."""
+        return [*errors, *self.refused] + [
+            f"{digest_line(d, why)} (in {', '.join(sorted(self.owners.get(d, {'?'})))})"
             for d, why in sorted(self.bad.items(), key=lambda kv: str(kv[0]))
         ]
+
+
+def check_entry(entry: oci.LayoutEntry, repo: str, target: Target) -> None:
+    """``StoreError`` unless the index entry can be imported as ``target``: valid repository
+    names (``repo`` as the entry names it, and where it goes), a valid tag, and a descriptor
+    of a manifest."""
+    validate_name(repo)
+    validate_name(target.repository)
+    if target.tag is not None:
+        validate_tag(target.tag)
+    if entry.descriptor.media_type not in MANIFEST_TYPES:
+        raise ManifestInvalid(
+            f"mediaType {entry.descriptor.media_type!r} is not a manifest or index media type"
+        )
+
+
+def listed_tags(
+    meta: dict[str, Any] | None, rename: Callable[[str], str] = str
+) -> tuple[list[ListedTag], list[str]]:
+    """The tags ``bastion-export.json`` lists, their repositories mapped by ``rename``, and one
+    line for each that is left out: not a valid repository name, tag or digest."""
+    out: list[ListedTag] = []
+    refused: list[str] = []
+    repositories = (meta or {}).get("repositories") or {}
+    if not isinstance(repositories, dict):
+        return [], [f"{EXPORT_JSON}: 'repositories' is not a mapping; no tag restored"]
+    for repo, state in repositories.items():
+        tags = state.get("tags", {}) if isinstance(state, dict) else None
+        if not isinstance(tags, dict):
+            refused.append(f"{EXPORT_JSON}: repository {repo!r} has no tags mapping")
+            continue
+        for tag, text in tags.items():
+            try:
+                validate_name(repo)
+                digest = Digest.parse(str(text))
+                out.append((validate_name(rename(repo)), validate_tag(tag), digest))
+            except StoreError as e:
+                refused.append(f"{EXPORT_JSON}: tag {tag!r} of {repo!r}: {e}; not restored")
+    return out, refused
 
 
 def destination(entry: oci.LayoutEntry, repo_option: str | None) -> tuple[str, str | None]:

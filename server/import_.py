@@ -11,17 +11,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage import Digest, Store, StoreError, paths
+from storage import Digest, ManifestInvalid, Store, StoreError, paths
 from storage import layout as oci
 
 from .config import Config
 from .ferry import (
+    EXPORT_JSON,
+    Fallback,
     FerryError,
     ImportOptions,
     LayoutTrees,
+    ListedTag,
     Target,
     gather_limited,
+    listed_tags,
     open_store,
+    os_error_line,
     read_meta,
     unpacked_volumes,
     volumes_in,
@@ -62,10 +67,20 @@ async def import_layout(config: Config, options: ImportOptions, progress: Progre
         from .import_registry import push_layout
 
         return await push_layout(config, options, progress)
+    try:
+        return await _import_store(config, options, progress)
+    except OSError as e:
+        raise FerryError(os_error_line(e)) from None
+
+
+async def _import_store(config: Config, options: ImportOptions, progress: Progress) -> str:
     store = open_store(config)
     meta = read_meta(options.source)
     if meta is not None:
-        await _check_base(store, meta, config.storage.root)
+        try:
+            await _check_base(store, meta, config.storage.root)
+        except StoreError as e:  # an invalid export id or digest in the description
+            raise FerryError(f"{os.path.join(options.source, EXPORT_JSON)}: {e}") from None
     if not volumes_in(options.source):
         return await _import_dir(store, options.source, meta, options, progress)
     async with unpacked_volumes(store.driver, options.source, store.manifest_limit, progress) as (
@@ -73,12 +88,11 @@ async def import_layout(config: Config, options: ImportOptions, progress: Progre
         local,
         unpacked,
     ):
-        # large blobs were verified while unpacked: straight into the pool
-        for digest, path in unpacked.staged.items():
-            await store.commit_blob(f"{work}/staging/{os.path.basename(path)}", digest)
+        # large blobs were verified while unpacked: from staging straight into the pool
+        staged = {d: f"{work}/staging/{os.path.basename(p)}" for d, p in unpacked.staged.items()}
         layout = os.path.join(local, "layout")
         return await _import_dir(
-            store, layout, meta, options, progress, unpacked.bad, unpacked.errors
+            store, layout, meta, options, progress, _Unpacked(staged, unpacked.bad, unpacked.errors)
         )
 
 
@@ -98,13 +112,26 @@ async def _check_base(store: Store, meta: dict[str, Any], root: str) -> None:
             )
 
 
+@dataclass
+class _Unpacked:
+    """What unpacking volumes gave besides the layout: large blobs verified into the store's
+    staging area (digest -> driver path), bad digests, and errors of the volumes."""
+
+    staged: dict[Digest, str] = field(default_factory=dict)
+    bad: dict[Digest, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
 class _Import:
     """Copies what ``LayoutTrees`` read into the store."""
 
-    def __init__(self, store: Store, trees: LayoutTrees, options: ImportOptions) -> None:
+    def __init__(
+        self, store: Store, trees: LayoutTrees, options: ImportOptions, staged: dict[Digest, str]
+    ) -> None:
         self.store = store
         self.trees = trees
         self.options = options
+        self.staged = staged
         self.summary = ImportSummary()
 
     async def blobs(self, progress: Progress) -> None:
@@ -115,6 +142,8 @@ class _Import:
                 continue
             if await self.store.blob_size(digest) is not None:
                 self.summary.present += 1
+            elif digest in self.staged:
+                await self.commit_staged(digest, size)
             elif await self.trees.reader.blob_size(digest) is None:
                 bad[digest] = "blob missing from the layout"
             else:
@@ -134,6 +163,16 @@ class _Import:
         jobs = [functools.partial(one, d, s) for d, s in todo.items()]
         await gather_limited(self.options.concurrency, jobs)
 
+    async def commit_staged(self, digest: Digest, size: int) -> None:
+        """A blob verified while unpacked from volumes: into the pool, counted as imported."""
+        try:
+            stored = await oci.commit_staged(self.store, self.staged[digest], digest, size)
+        except StoreError as e:
+            self.trees.bad[digest] = str(e)
+            return
+        self.summary.imported += 1
+        self.summary.imported_bytes += stored
+
     async def write(self, repo: str, tree: oci.ManifestTree, done: set[tuple[str, Digest]]) -> None:
         """Children first, each manifest after its blobs are linked into ``repo``."""
         for node in tree.walk():
@@ -151,7 +190,7 @@ class _Import:
         done: set[tuple[str, Digest]] = set()
         failed = 0
         for target in targets:
-            if target.tree is None or not self.trees.complete(target.tree):
+            if target.tree is None or not self.trees.good(target):
                 failed += 1
                 continue
             try:
@@ -185,32 +224,50 @@ class _Import:
             await write_out_dir(self.options.out_dir, configs)
 
 
+def _manifest_source(store: Store, staged: dict[Digest, str]) -> Fallback:
+    """Where a manifest the layout lacks is read: unpacked into staging (a manifest cut
+    across volumes), else the store (an increment's)."""
+
+    async def read(repo: str, digest: Digest) -> bytes | None:
+        path = staged.get(digest)
+        if path is None and await store.blob_size(digest) is not None:
+            path = paths.blob(digest)
+        if path is None:
+            return None
+        try:
+            return await store.driver.get_content(path, store.manifest_limit)
+        except ValueError:
+            raise ManifestInvalid(
+                f"manifest {digest} is larger than {store.manifest_limit} bytes"
+            ) from None
+
+    return read
+
+
 async def _import_dir(
     store: Store,
     directory: str,
     meta: dict[str, Any] | None,
     options: ImportOptions,
     progress: Progress,
-    prefailed: dict[Digest, str] | None = None,
-    errors: list[str] | None = None,
+    unpacked: _Unpacked | None = None,
 ) -> str:
-    async def from_store(repo: str, digest: Digest) -> bytes | None:
-        if await store.blob_size(digest) is None:
-            return None
-        return await store.driver.get_content(paths.blob(digest), store.manifest_limit)
-
-    trees = LayoutTrees(oci.LayoutReader(directory), store.manifest_limit, from_store)
-    trees.bad.update(prefailed or {})
+    """Import the layout in ``directory`` (with what unpacking its volumes gave)."""
+    unpacked = unpacked or _Unpacked()
+    source = _manifest_source(store, unpacked.staged)
+    trees = LayoutTrees(oci.LayoutReader(directory), store.manifest_limit, source)
+    trees.bad.update(unpacked.bad)
     targets = await trees.targets(options.repo)
+    tags, refused = listed_tags(meta)
+    trees.refused += refused
     progress.set_total_images(len(targets))
-    job = _Import(store, trees, options)
+    job = _Import(store, trees, options, unpacked.staged)
     await job.blobs(progress)
     failed = await job.write_targets(targets, progress)
-    if meta is not None and not trees.bad:
-        await _restore_tags(store, meta, {(t.repository, t.tag) for t in targets}, job)
+    await _restore_tags(store, trees.unwritten_tags(tags, targets), job)
     await job.extras()
-    if trees.bad or errors:
-        lines = trees.failure_lines(errors or [])
+    if trees.failed or unpacked.errors:
+        lines = trees.failure_lines(unpacked.errors)
         lines.append(
             f"{failed} of {len(targets)} images not imported; the rest is in the store "
             f"({job.summary.line()})"
@@ -221,21 +278,15 @@ async def _import_dir(
     return job.summary.line()
 
 
-async def _restore_tags(
-    store: Store, meta: dict[str, Any], written: set[tuple[str, str | None]], job: _Import
-) -> None:
+async def _restore_tags(store: Store, tags: list[ListedTag], job: _Import) -> None:
     """Tags the export lists without an index entry (they point at manifests an earlier
     export carried) are pointed at those manifests, which must be in the store by now."""
-    for repo, state in meta.get("repositories", {}).items():
-        for tag, text in state.get("tags", {}).items():
-            if (repo, tag) in written:
-                continue
-            digest = Digest.parse(text)
-            try:
-                await store.stat_manifest(repo, text)
-            except StoreError:
-                job.trees.bad[digest] = f"tag {tag} points at a manifest not in the store"
-                job.trees.owners.setdefault(digest, set()).add(repo)
-                continue
-            await store.touch_tag(repo, tag, digest)
-            job.summary.tags += 1
+    for repo, tag, digest in tags:
+        try:
+            await store.stat_manifest(repo, str(digest))
+        except StoreError:
+            job.trees.bad[digest] = f"tag {tag} points at a manifest not in the store"
+            job.trees.owners.setdefault(digest, set()).add(repo)
+            continue
+        await store.touch_tag(repo, tag, digest)
+        job.summary.tags += 1

@@ -38,8 +38,11 @@ from .ferry import (
     FerryError,
     ImportOptions,
     LayoutTrees,
+    ListedTag,
     Target,
     gather_limited,
+    listed_tags,
+    os_error_line,
     read_meta,
     unpacked_volumes,
     volumes_in,
@@ -99,20 +102,32 @@ async def push_layout(config: Config, options: ImportOptions, progress: Progress
     """Push the layout (or folder of volumes) ``options.source`` to ``options.to``; returns the
     summary line. ``FerryError`` with one line per bad digest (the rest is pushed)."""
     meta = read_meta(options.source)
-    limit = config.limits.manifest_size
     client = registry_client(options)
     try:
-        if not volumes_in(options.source):
-            return await _Push(client, options, meta, progress, limit).run(options.source)
-        root = FilesystemDriver(config.storage.root)
-        async with unpacked_volumes(root, options.source, limit, progress) as (_, local, found):
-            layout = os.path.join(local, "layout")
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, _place_staged, found.staged, layout)
-            push = _Push(client, options, meta, progress, limit)
-            return await push.run(layout, found.bad, found.errors)
+        return await _push(client, config, options, meta, progress)
+    except OSError as e:
+        raise FerryError(os_error_line(e)) from None
     finally:
         await client.close()
+
+
+async def _push(
+    client: RegistryPush,
+    config: Config,
+    options: ImportOptions,
+    meta: dict[str, Any] | None,
+    progress: Progress,
+) -> str:
+    limit = config.limits.manifest_size
+    if not volumes_in(options.source):
+        return await _Push(client, options, meta, progress, limit).run(options.source)
+    root = FilesystemDriver(config.storage.root)
+    async with unpacked_volumes(root, options.source, limit, progress) as (_, local, found):
+        layout = os.path.join(local, "layout")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _place_staged, found.staged, layout)
+        push = _Push(client, options, meta, progress, limit)
+        return await push.run(layout, found.bad, found.errors)
 
 
 def _place_staged(staged: dict[Digest, str], layout: str) -> None:
@@ -169,6 +184,8 @@ class _Push:
         trees.bad.update(prefailed or {})
         try:
             targets = await trees.targets(self.options.repo, self.dest)
+            tags, refused = listed_tags(self.meta, self.dest)
+            trees.refused += refused
             self.progress.set_total_images(len(targets))
             blobs = await self.plan_blobs(targets)
             await self.push_blobs(blobs)
@@ -178,11 +195,11 @@ class _Push:
             )
             for target in [t for t in targets if self.good(t)]:
                 await self.push_tag(target.repository, target.tag, target.tree)
-            await self.restore_tags({(t.repository, t.tag) for t in targets})
+            await self.restore_tags(trees.unwritten_tags(tags, targets))
         except UpstreamError as e:
             raise FerryError(str(e), f"stopped; so far: {self.summary.line()}") from None
         out = await self.extras(reader)
-        if trees.bad or errors:
+        if trees.failed or errors:
             lines = trees.failure_lines(errors)
             failed = sum(not self.good(t) for t in targets)
             lines.append(
@@ -193,7 +210,7 @@ class _Push:
         return self.summary.line() + out
 
     def good(self, target: Target) -> bool:
-        return target.tree is not None and self.trees.complete(target.tree)
+        return self.trees.good(target)
 
     # ---- blobs -------------------------------------------------------------------------------
 
@@ -369,24 +386,17 @@ class _Push:
             return
         self.summary.tags += 1
 
-    async def restore_tags(self, written: set[tuple[str, str | None]]) -> None:
+    async def restore_tags(self, tags: list[ListedTag]) -> None:
         """Tags the export lists without an index entry (on manifests an earlier export
         carried): pointed at those manifests, which must be in the target by now."""
-        if self.meta is None or self.trees.bad:
-            return
-        for source, state in self.meta.get("repositories", {}).items():
-            repo = self.dest(source)
-            for tag, text in state.get("tags", {}).items():
-                if (repo, tag) in written:
-                    continue
-                digest = Digest.parse(text)
-                body = await self.from_target(repo, digest)
-                if body is None or Digest.of(body, digest.algorithm) != digest:
-                    self.trees.bad[digest] = f"tag {tag} points at a manifest not in the target"
-                    self.trees.owners.setdefault(digest, set()).add(repo)
-                    continue
-                node, _ = oci.tree_from_body(digest, body, None)
-                await self.push_tag(repo, tag, node)
+        for repo, tag, digest in tags:
+            body = await self.from_target(repo, digest)
+            if body is None or Digest.of(body, digest.algorithm) != digest:
+                self.trees.bad[digest] = f"tag {tag} points at a manifest not in the target"
+                self.trees.owners.setdefault(digest, set()).add(repo)
+                continue
+            node, _ = oci.tree_from_body(digest, body, None)
+            await self.push_tag(repo, tag, node)
 
     # ---- signatures and mirror configuration ---------------------------------------------------
 

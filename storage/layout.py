@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from . import paths
-from .digest import Descriptor, Digest
+from .digest import ALGORITHMS, Descriptor, Digest
 from .driver import FilesystemDriver, PathNotFound, StorageDriver
 from .errors import (
     BlobUnknown,
@@ -59,6 +59,7 @@ __all__ = [
     "LayoutWriter",
     "LayoutReader",
     "import_blob",
+    "commit_staged",
     "read_store_tree",
     "repository_roots",
     "import_done",
@@ -153,15 +154,26 @@ def descriptor_sizes(body: bytes) -> dict[str, tuple[int, str | None]]:
 
 def tree_from_body(
     digest: Digest, body: bytes, media_type: str | None
-) -> tuple[ManifestTree, list[tuple[Digest, str | None]]]:
+) -> tuple[ManifestTree, list[tuple[Digest, str | None, int]]]:
     """A tree node for ``body`` (children not yet filled) and its children's digests with the
-    media types their descriptors give. ``ManifestInvalid`` if the body cannot be parsed."""
+    media types and sizes their descriptors give (-1: none). ``ManifestInvalid`` if the body
+    cannot be parsed."""
     parsed = parse_manifest(body, media_type)
     sizes = descriptor_sizes(body)
     node = ManifestTree(digest, parsed.media_type, body)
     node.blobs = {d: sizes.get(str(d), (-1, None))[0] for d in dict.fromkeys(parsed.blobs)}
-    children = [(d, sizes.get(str(d), (-1, None))[1]) for d in dict.fromkeys(parsed.children)]
+    children = []
+    for d in dict.fromkeys(parsed.children):
+        size, child_type = sizes.get(str(d), (-1, None))
+        children.append((d, child_type, size))
     return node, children
+
+
+def check_described_size(size: int, actual: int, what: str) -> None:
+    """``SizeMismatch`` (naming ``what``) unless ``actual`` is the ``size`` a descriptor gives
+    (any if negative): content of another size is not the content the descriptor describes."""
+    if size >= 0 and actual != size:
+        raise SizeMismatch(f"{what} has {actual} bytes, its descriptor says {size}")
 
 
 async def read_store_tree(store: Store, repository: str, digest: Digest) -> ManifestTree:
@@ -184,7 +196,7 @@ async def read_store_tree(store: Store, repository: str, digest: Digest) -> Mani
                 missing.append(blob)
             else:
                 node.blobs[blob] = size
-        found = await asyncio.gather(*(visit(c) for c, _ in children))
+        found = await asyncio.gather(*(visit(c) for c, _, _ in children))
         node.children = [c for c in found if c is not None]
         return node
 
@@ -302,6 +314,34 @@ class LayoutWriter:
         if not await self.has_blob(tree.digest, len(tree.body)):
             await self.driver.put_content(layout_blob(tree.digest), tree.body)
 
+    async def prune(self, keep: set[Digest]) -> int:
+        """Remove the blobs not in ``keep`` (what an interrupted run wrote that this one does
+        not carry, its store having changed since); returns how many were removed."""
+        removed = 0
+        for algorithm in ALGORITHMS:
+            try:
+                names = await self.driver.list(f"blobs/{algorithm}")
+            except PathNotFound:
+                continue
+            for name in names:
+                try:
+                    digest = Digest.parse(f"{algorithm}:{name}")
+                except InvalidDigest:
+                    continue  # not a blob this writer wrote
+                if digest not in keep:
+                    await self.driver.delete(layout_blob(digest))
+                    removed += 1
+        return removed
+
+    async def clear_extras(self) -> None:
+        """Remove the signatures and mirror configuration files (an interrupted run's: an
+        export writes them whole, after the blobs)."""
+        for top in (_SIGNATURES, MIRROR_CONFIG):
+            try:
+                await self.driver.delete(top)
+            except PathNotFound:
+                pass
+
     async def write_index(self, entries: list[LayoutEntry]) -> None:
         doc = {
             "schemaVersion": 2,
@@ -314,8 +354,7 @@ class LayoutWriter:
 def _check(digest: Digest, actual_hex: str, size: int, actual_size: int) -> None:
     if actual_hex != digest.hex:
         raise DigestMismatch(f"content of {digest} hashes to {digest.algorithm}:{actual_hex}")
-    if size >= 0 and actual_size != size:
-        raise SizeMismatch(f"{digest} has {actual_size} bytes, not {size}")
+    check_described_size(size, actual_size, str(digest))
 
 
 # ---- reading a layout -------------------------------------------------------------------------
@@ -420,6 +459,17 @@ async def import_blob(
         except PathNotFound:
             pass
         raise
+
+
+async def commit_staged(store: Store, staging: str, digest: Digest, size: int) -> int:
+    """Move a blob that was verified against ``digest`` while it was written to ``staging`` (a
+    path of the store's driver, e.g. a large blob unpacked from volumes) into the blob pool if
+    it has ``size`` bytes (any if negative), and return its size; else ``SizeMismatch`` and
+    nothing becomes visible."""
+    actual = (await store.driver.stat(staging)).size
+    check_described_size(size, actual, str(digest))
+    await store.commit_blob(staging, digest)
+    return actual
 
 
 async def copy_store_blob(

@@ -27,9 +27,10 @@ import tarfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 from .digest import Digest
+from .driver.filesystem import TMP_PREFIX
 from .errors import InvalidDigest, StoreError
 
 __all__ = ["VOLUME_PATTERN", "MIN_VOLUME", "Piece", "plan", "pack", "volumes_in", "unpack"]
@@ -155,7 +156,7 @@ def pack(layout: str, out_dir: str, volume_size: int, advance: Advance) -> list[
 
 
 def _write_volume(layout: str, final: str, pieces: list[Piece], advance: Advance) -> None:
-    tmp = os.path.join(os.path.dirname(final), f".tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(os.path.dirname(final), f"{TMP_PREFIX}{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as raw:
             hashing = _Hashing(raw)
@@ -196,7 +197,7 @@ class _Limited(io.RawIOBase):
 
 
 def _atomic_text(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}")
+    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -230,30 +231,14 @@ def unpack(
     """Read the volumes of ``directory`` in order, checking each against ``SHA256SUMS``.
     Files up to ``small_limit`` bytes (metadata, manifests, small blobs) are written under
     ``small_dir`` as a layout; larger blobs are hashed while written to ``staging_dir`` and kept
-    (in ``staged``) only if they match their digest."""
+    (in ``staged``) only if they match their digest. A damaged volume (cut short, say) is
+    named in ``errors``; the files it was in the middle of and what it holds after the damage
+    are left out, and the volumes after it are read as usual."""
     sums = _read_sums(os.path.join(directory, "SHA256SUMS"))
-    out = Unpacked()
-    state: dict[str, tuple[BinaryIO, object, int]] = {}  # path -> (file, hasher, parts seen)
+    unpacker = _Unpacker(small_dir, staging_dir, small_limit, advance)
     for name in volumes_in(directory):
-        hasher = hashlib.sha256()
-        with open(os.path.join(directory, name), "rb") as raw:
-            reader = _HashingReader(raw, hasher)
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    if member.isfile():
-                        _member(
-                            tar, member, small_dir, staging_dir, small_limit, state, out, advance
-                        )
-            while reader.read(_COPY):
-                pass
-        if sums.get(name) not in (None, hasher.hexdigest()):
-            out.errors.append(f"volume {name} does not match its checksum in SHA256SUMS")
-        elif name not in sums:
-            out.errors.append(f"volume {name} is not listed in SHA256SUMS")
-    for path, (f, _, _) in state.items():
-        f.close()
-        out.errors.append(f"{path}: the volumes end before its last part")
-    return out
+        unpacker.volume(os.path.join(directory, name), sums.get(name))
+    return unpacker.finish()
 
 
 def _read_sums(path: str) -> dict[str, str]:
@@ -270,7 +255,7 @@ def _read_sums(path: str) -> dict[str, str]:
 
 
 class _HashingReader(io.RawIOBase):
-    def __init__(self, f: BinaryIO, hasher: object) -> None:
+    def __init__(self, f: BinaryIO, hasher: Any) -> None:
         self.f = f
         self.hasher = hasher
 
@@ -279,15 +264,8 @@ class _HashingReader(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
-        self.hasher.update(data)  # type: ignore[attr-defined]
+        self.hasher.update(data)
         return data
-
-
-def _safe(path: str) -> str:
-    parts = path.split("/")
-    if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise VolumeError(f"unsafe member name {path!r} in a volume")
-    return path
 
 
 def _blob_digest(path: str) -> Digest | None:
@@ -300,51 +278,123 @@ def _blob_digest(path: str) -> Digest | None:
     return None
 
 
-def _member(
-    tar: tarfile.TarFile,
-    member: tarfile.TarInfo,
-    small_dir: str,
-    staging_dir: str,
-    small_limit: int,
-    state: dict[str, tuple[BinaryIO, object, int]],
-    out: Unpacked,
-    advance: Advance,
-) -> None:
-    m = _PART.fullmatch(member.name)
-    path = _safe(m.group(1) if m else member.name)
-    n, total = (int(m.group(2)), int(m.group(3))) if m else (1, 1)
-    digest = _blob_digest(path)
-    src = tar.extractfile(member)
-    assert src is not None
-    if path not in state:
-        if n != 1:
-            out.errors.append(f"{member.name}: its earlier parts are missing")
+@dataclass
+class _Partial:
+    """A layout file being written: the open file, its hasher (large blobs only) and how many
+    of its parts were written."""
+
+    file: BinaryIO
+    hasher: Any | None
+    parts: int = 0
+
+
+class _Unpacker:
+    """``unpack``, one volume after the other."""
+
+    def __init__(self, small_dir: str, staging_dir: str, small_limit: int, advance: Advance):
+        self.small_dir = small_dir
+        self.staging_dir = staging_dir
+        self.small_limit = small_limit
+        self.advance = advance
+        self.out = Unpacked()
+        self.open: dict[str, _Partial] = {}  # layout path -> file still expecting parts
+        self.lost: set[str] = set()  # files a damaged volume cut: their later parts are skipped
+        self.name = ""  # the volume being read
+
+    def volume(self, path: str, checksum: str | None) -> None:
+        """Read one volume; ``checksum``: its sha256 in ``SHA256SUMS`` (None if not listed)."""
+        self.name = os.path.basename(path)
+        hasher = hashlib.sha256()
+        try:
+            with open(path, "rb") as raw:
+                reader = _HashingReader(raw, hasher)
+                with tarfile.open(fileobj=reader, mode="r|") as tar:
+                    for member in tar:
+                        if member.isfile():
+                            self.member(tar, member)
+                while reader.read(_COPY):
+                    pass
+        except tarfile.TarError as e:
+            self.lost.update(self.drop_open())
+            self.out.errors.append(
+                f"volume {self.name} is damaged ({e}): the files in it from there on are missing"
+            )
             return
-        big = digest is not None and (member.size > small_limit or total > 1)
-        target = os.path.join(staging_dir if big else small_dir, *path.split("/"))
-        if big:
-            assert digest is not None
-            target = os.path.join(staging_dir, f"{digest.hex}-{uuid.uuid4().hex}")
+        if checksum is None:
+            self.out.errors.append(f"volume {self.name} is not listed in SHA256SUMS")
+        elif checksum != hasher.hexdigest():
+            self.out.errors.append(f"volume {self.name} does not match its checksum in SHA256SUMS")
+
+    def finish(self) -> Unpacked:
+        for path in self.drop_open():
+            self.out.errors.append(f"{path}: the volumes end before its last part")
+        return self.out
+
+    def drop_open(self) -> list[str]:
+        """Remove the files still expecting parts; returns their layout paths."""
+        paths = list(self.open)
+        for partial in self.open.values():
+            partial.file.close()
+            os.unlink(partial.file.name)
+        self.open.clear()
+        return paths
+
+    def safe(self, path: str) -> str:
+        parts = path.split("/")
+        if path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise VolumeError(f"unsafe member name {path!r} in volume {self.name}")
+        return path
+
+    def member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        m = _PART.fullmatch(member.name)
+        path = self.safe(m.group(1) if m else member.name)
+        n, total = (int(m.group(2)), int(m.group(3))) if m else (1, 1)
+        partial = self.open.get(path)
+        if partial is None:
+            if n != 1:
+                if path not in self.lost:
+                    self.out.errors.append(f"{member.name}: its earlier parts are missing")
+                return
+            partial = self.open[path] = self.start(path, member.size, total)
+        if partial.parts + 1 != n:
+            self.out.errors.append(f"{member.name}: parts out of order")
+        src = tar.extractfile(member)
+        assert src is not None
+        while chunk := src.read(_COPY):
+            partial.file.write(chunk)
+            if partial.hasher is not None:
+                partial.hasher.update(chunk)
+            self.advance(len(chunk))
+        partial.parts = n
+        if n == total:
+            del self.open[path]
+            self.complete(path, partial)
+
+    def start(self, path: str, size: int, total: int) -> _Partial:
+        """Open where layout file ``path`` goes: a large blob (or one cut in parts) into
+        staging under a unique name, anything else into the layout."""
+        digest = _blob_digest(path)
+        if digest is not None and (size > self.small_limit or total > 1):
+            target = os.path.join(self.staging_dir, f"{digest.hex}-{uuid.uuid4().hex}")
+            hasher = digest.hasher()
+        else:
+            target = os.path.join(self.small_dir, *path.split("/"))
+            hasher = None
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        state[path] = (open(target, "wb"), hashlib.sha256() if big else None, 0)
-    f, hasher, seen = state[path]
-    if seen + 1 != n:
-        out.errors.append(f"{member.name}: parts out of order")
-    while chunk := src.read(_COPY):
-        f.write(chunk)
-        if hasher is not None:
-            hasher.update(chunk)  # type: ignore[attr-defined]
-        advance(len(chunk))
-    state[path] = (f, hasher, n)
-    if n < total:
-        return
-    del state[path]
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-    if hasher is not None and digest is not None:
-        if hasher.hexdigest() != digest.hex:  # type: ignore[attr-defined]
-            out.bad[digest] = f"content of {digest} in the volumes does not hash to its digest"
+        return _Partial(open(target, "wb"), hasher)
+
+    def complete(self, path: str, partial: _Partial) -> None:
+        """Close a file whose last part was written; a large blob is kept only if it matches
+        its digest."""
+        f = partial.file
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        digest = _blob_digest(path)
+        if partial.hasher is None or digest is None:
+            return
+        if partial.hasher.hexdigest() != digest.hex:
+            self.out.bad[digest] = "content in the volumes does not hash to its digest"
             os.unlink(f.name)
         else:
-            out.staged[digest] = str(f.name)
+            self.out.staged[digest] = str(f.name)

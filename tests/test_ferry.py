@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from server.cli import main
 from storage import Digest, FilesystemDriver, Store, paths
 from storage import layout as oci
+from tests.images import Image
 from tests.release import (
     COMPONENT_SOURCE,
     DOCKER_LIST_COMPONENT,
@@ -48,6 +51,29 @@ def seed(root: Path, release: Release, signature: bytes | None = None) -> Store:
 
     asyncio.run(load())
     return store
+
+
+def seed_images(root: Path, images: dict[tuple[str, str], Image]) -> Store:
+    """Put each image into the store at ``root`` as ``repository:tag``."""
+    store = Store(FilesystemDriver(str(root)))
+
+    async def load() -> None:
+        for (repo, tag), image in images.items():
+            for blob in image.blobs:
+                d = Digest.parse(blob.digest)
+                await store.driver.put_content(paths.blob(d), blob.data)
+                await store.link_blob(repo, d)
+            await store.put_manifest(repo, tag, image.manifest, image.media_type)
+
+    asyncio.run(load())
+    return store
+
+
+def edit_json(path: Path, edit: Callable[[Any], object]) -> None:
+    """Rewrite the JSON file ``path`` after ``edit`` changed its document in place."""
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
 
 
 def bastion(*args: str) -> int:
@@ -263,8 +289,9 @@ def test_interrupted_export_resumes(
     again = json.loads((out / "bastion-export.json").read_text())
     assert again["id"] == first["id"] and not (out / "bastion-export.partial.json").exists()
     assert blob_files(out) == set(release.blobs) | manifest_digests(release)
+    assert not list(out.rglob(".tmp-*"))  # the interrupted run's partial blob is gone
     # a finished export directory is not overwritten
-    assert bastion("export", "--root", str(tmp_path / "a"), "--to", str(out)) == 1
+    assert bastion("export", "--root", str(tmp_path / "a"), "--to", str(out)) == 2
     assert "already holds export" in capsys.readouterr().err
 
 

@@ -191,3 +191,30 @@ async def test_mirror_configuration_names_are_plain(store: Store, name: str) -> 
         await oci.keep_mirror_config(store, name, {"a.yaml": b""})
     with pytest.raises(oci.LayoutError):
         await oci.keep_mirror_config(store, "ok", {name or "/": b""})
+
+
+async def test_commit_staged_checks_the_described_size(store: Store) -> None:
+    data = b"verified while unpacked" * 100
+    d = Digest.of(data)
+    await store.driver.put_content("imports/unpack-x/staging/blob", data)
+    with pytest.raises(SizeMismatch, match=f"{d} has {len(data)} bytes, its descriptor says 5"):
+        await oci.commit_staged(store, "imports/unpack-x/staging/blob", d, 5)
+    assert await store.blob_size(d) is None
+    stored = await oci.commit_staged(store, "imports/unpack-x/staging/blob", d, len(data))
+    assert stored == len(data) and await store.blob_size(d) == len(data)
+
+
+async def test_prune_keeps_only_the_blobs_asked_for(tmp_path: Path) -> None:
+    writer = oci.LayoutWriter(str(tmp_path / "out"))
+    kept, dropped = b"kept", b"dropped"
+    for data in (kept, dropped):
+        await writer.copy_blob(chunks(data), Digest.of(data), len(data), ignore)
+    (tmp_path / "out/blobs/sha256/not-a-digest").write_bytes(b"")
+    await oci.put_layout_signature(writer, f"sha256={Digest.of(kept).hex}/signature-1", b"s")
+    assert await writer.prune({Digest.of(kept)}) == 1
+    assert {p.name for p in (tmp_path / "out/blobs/sha256").iterdir()} == {
+        Digest.of(kept).hex,
+        "not-a-digest",
+    }
+    await writer.clear_extras()
+    assert not (tmp_path / "out/signatures").exists()

@@ -1,0 +1,156 @@
+"""Resuming an interrupted ``bastion export``: the in-progress marker records the selection and
+a rerun asking for another one is refused (exit 2) without touching the directory; a rerun
+with the same arguments removes what the interrupted run left under temporary names and what
+it no longer carries, so the directory ends up exactly what its description lists."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server import export
+from storage import volumes
+from tests.images import Image, sample_image
+from tests.test_ferry import bastion, seed_images
+
+APP, HUGE = "team/app", "team/huge"
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[tuple[str, str], Image]:
+    return {
+        (APP, "v1"): sample_image("resume-app", payload_size=1024),
+        (HUGE, "v1"): sample_image("resume-huge", payload_size=3 << 20),
+    }
+
+
+def interrupted(monkeypatch: pytest.MonkeyPatch, where: str, *args: str) -> None:
+    """Run ``bastion export ARGS`` and cut it short (as ^C would) when it calls ``where``
+    (a function of ``server.export``), leaving a partial blob beside the complete ones."""
+
+    def cut(*_: Any, **__: Any) -> Any:
+        to = Path(args[args.index("--to") + 1])
+        blobs = next(to.rglob("blobs")) / "sha256"
+        (blobs / ".tmp-session-cut").write_bytes(b"x" * 4096)
+        (to / ".tmp-0123").write_bytes(b"half a volume")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(export, where, cut)
+        assert bastion("export", *args) == 130
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def blob_files(directory: Path) -> set[str]:
+    return {"sha256:" + p.name for p in (directory / "blobs/sha256").iterdir()}
+
+
+def test_another_selection_is_refused_and_the_same_one_continues(
+    images: dict[tuple[str, str], Image],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    src = str(tmp_path / "src")
+    seed_images(tmp_path / "src", images)
+    out = tmp_path / "hx"
+    interrupted(monkeypatch, "_mirror_config", "--root", src, "--to", str(out), "--repo", HUGE)
+    marker = json.loads((out / "bastion-export.partial.json").read_text())
+    assert marker["selection"]["repos"] == [HUGE]
+    before = files(out)
+    capsys.readouterr()
+
+    assert bastion("export", "--root", src, "--to", str(out), "--repo", APP) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"holds an interrupted export of --repo {HUGE}, not of --repo {APP}" in line
+    assert "same arguments" in line and "new directory" in line
+    assert files(out) == before  # refused: nothing touched
+    assert bastion("export", "--root", src, "--to", str(out)) == 2  # everything is another too
+
+    assert bastion("export", "--root", src, "--to", str(out), "--repo", HUGE) == 0
+    assert "blobs: 0 written" in capsys.readouterr().out  # what was there was kept
+    meta = json.loads((out / "bastion-export.json").read_text())
+    assert meta["id"] == marker["id"]
+    assert not list(out.rglob(".tmp-*"))
+    assert blob_files(out) == set(meta["carried"])
+    assert set(meta["repositories"]) == {HUGE}
+
+
+def test_a_resumed_export_drops_what_it_no_longer_carries(
+    images: dict[tuple[str, str], Image],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    src = tmp_path / "src"
+    seed_images(src, images)
+    out = tmp_path / "out"
+    interrupted(monkeypatch, "_mirror_config", "--root", str(src), "--to", str(out))
+    huge = images[HUGE, "v1"]
+    assert {huge.digest, *(b.digest for b in huge.blobs)} <= blob_files(out)
+    shutil.rmtree(src / "repositories" / HUGE)  # gone from the store meanwhile
+    assert bastion("export", "--root", str(src), "--to", str(out)) == 0
+    meta = json.loads((out / "bastion-export.json").read_text())
+    assert set(meta["repositories"]) == {APP}
+    assert blob_files(out) == set(meta["carried"])  # the huge image's blobs are gone
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_split_export_resumes_only_with_the_same_volume_size(
+    images: dict[tuple[str, str], Image],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    src = str(tmp_path / "src")
+    seed_images(tmp_path / "src", images)
+    out = tmp_path / "vols"
+    args = ["--root", src, "--to", str(out)]
+    with monkeypatch.context() as m:  # cut short while packing: after the first volume
+        pack = volumes.pack
+
+        def cut(layout: str, out_dir: str, size: int, advance: Any) -> list[str]:
+            names = pack(layout, out_dir, size, advance)
+            os.unlink(os.path.join(out_dir, names[-1]))
+            with open(os.path.join(out_dir, ".tmp-0123"), "wb") as f:
+                f.write(b"half a volume")
+            raise KeyboardInterrupt
+
+        m.setattr(volumes, "pack", cut)
+        assert bastion("export", *args, "--split-size", "1MiB") == 130
+    capsys.readouterr()
+    assert bastion("export", *args, "--split-size", "2MiB") == 2
+    line = capsys.readouterr().err
+    assert "--split-size 1.0 MiB, not of --split-size 2.0 MiB" in line
+    assert bastion("export", *args, "--split-size", "1MiB") == 0, capsys.readouterr().err
+    assert "layout complete" in capsys.readouterr().out
+    assert not list(out.rglob(".tmp-*")) and not (out / "layout").exists()
+    assert not (out / "bastion-export.partial.json").exists()
+    assert bastion("import", str(out), "--root", str(tmp_path / "dst")) == 0
+
+
+def test_an_export_held_by_another_run_is_not_touched(
+    images: dict[tuple[str, str], Image], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed_images(tmp_path / "src", images)
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert bastion("export", "--root", str(tmp_path / "src"), "--to", str(out)) == 1
+    finally:
+        os.close(fd)
+    assert f"another export is writing to {out}" in capsys.readouterr().err
+    assert not list(out.iterdir())
