@@ -52,7 +52,7 @@ from .mirror import _size
 from .mirror_commands import MIRROR_MAP
 from .progress import Progress
 from .registry_push import RegistryPush
-from .upstream import UpstreamAuthError, UpstreamError, UpstreamNotFound
+from .upstream import UpstreamAuthError, UpstreamError, UpstreamNotFound, UpstreamUnreachable
 
 __all__ = ["PushSummary", "push_layout"]
 
@@ -323,7 +323,7 @@ class _Push:
             mounted = await self.client.push_blob(
                 repo, digest, size, open_at, self.progress.advance_bytes, mount_from
             )
-        except UpstreamAuthError:
+        except (UpstreamAuthError, UpstreamUnreachable):
             raise  # the same for every blob: stop
         except (StoreError, UpstreamError) as e:
             self.trees.bad[digest] = str(e)

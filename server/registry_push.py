@@ -117,6 +117,8 @@ class RegistryPush(UpstreamClient):
     """Push requests to one registry. ``chunk_size``: upload blobs larger than it in PATCH
     chunks of that size (None: one monolithic PUT per blob)."""
 
+    role = "registry"
+
     def __init__(self, config: UpstreamConfig, chunk_size: int | None = None) -> None:
         super().__init__(config)
         self.chunk_size = chunk_size

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 import aiohttp
 
@@ -180,6 +180,9 @@ class UpstreamBlob:
 class UpstreamClient:
     """Requests to one upstream registry (one ``upstreams:`` entry)."""
 
+    #: What the messages call the other side.
+    role: ClassVar[str] = "upstream"
+
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         self.host = config.host
@@ -227,7 +230,7 @@ class UpstreamClient:
             try:
                 self._credentials = load_authfile(self.config.authfile)
             except AuthFileError as e:
-                raise UpstreamAuthError(f"upstream {self.host}: {e}") from None
+                raise UpstreamAuthError(f"{self.role} {self.host}: {e}") from None
         found = lookup(self._credentials, self.host, repository)
         if found is None:  # an upstream reached under another name: its own entry
             netloc = self.config.url.split("://", 1)[-1].split("/", 1)[0]
@@ -259,7 +262,7 @@ class UpstreamClient:
     async def _fetch_token(self, repository: str, params: dict[str, str], scope: str) -> str:
         realm = params.get("realm")
         if not realm:
-            raise UpstreamAuthError(f"upstream {self.host}: Bearer challenge without a realm")
+            raise UpstreamAuthError(f"{self.role} {self.host}: Bearer challenge without a realm")
         query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
@@ -271,16 +274,18 @@ class UpstreamClient:
                     raise UpstreamAuthError(self._auth_refused(repository, r.status))
                 if r.status != 200:
                     raise UpstreamUnavailable(
-                        f"upstream {self.host}: token service {realm} answered {r.status}"
+                        f"{self.role} {self.host}: token service {realm} answered {r.status}"
                     )
                 doc = await r.json(content_type=None)
                 if r.content_length is not None and r.content_length > _TOKEN_LIMIT:
-                    raise UpstreamError(f"upstream {self.host}: token response too large")
+                    raise UpstreamError(f"{self.role} {self.host}: token response too large")
         except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-            raise UpstreamUnavailable(f"upstream {self.host}: token service {realm}: {e}") from None
+            raise UpstreamUnavailable(
+                f"{self.role} {self.host}: token service {realm}: {e}"
+            ) from None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
-            raise UpstreamAuthError(f"upstream {self.host}: token service gave no token")
+            raise UpstreamAuthError(f"{self.role} {self.host}: token service gave no token")
         lifetime = doc.get("expires_in")
         if not isinstance(lifetime, (int, float)) or lifetime <= 0:
             lifetime = _DEFAULT_TOKEN_LIFETIME
@@ -296,9 +301,9 @@ class UpstreamClient:
                 if self.config.authfile
                 else "no authfile configured"
             )
-            return f"upstream {self.host} requires authentication ({status}); {where}"
+            return f"{self.role} {self.host} requires authentication ({status}); {where}"
         return (
-            f"upstream {self.host} refused the credentials of user {creds.username!r} "
+            f"{self.role} {self.host} refused the credentials of user {creds.username!r} "
             f"from {self.config.authfile} ({status})"
         )
 
@@ -339,7 +344,7 @@ class UpstreamClient:
                 # not retried here: a client waiting on a pull-through miss gets its answer
                 # within the configured timeout; callers with time to spare retry themselves
                 raise UpstreamUnavailable(
-                    f"upstream {self.host} at {self.config.url} did not answer {path} within "
+                    f"{self.role} {self.host} at {self.config.url} did not answer {path} within "
                     f"{self.config.read_timeout:g}s (connect {self.config.connect_timeout:g}s)"
                 ) from None
             except (aiohttp.ClientError, OSError) as e:
@@ -347,7 +352,7 @@ class UpstreamClient:
                     await asyncio.sleep(0.2 * attempt)
                     continue
                 message = (
-                    f"upstream {self.host} unreachable at {self.config.url}: "
+                    f"{self.role} {self.host} unreachable at {self.config.url}: "
                     f"{e.__class__.__name__} {e}".rstrip()
                 )
                 if isinstance(e, aiohttp.ClientConnectorError):
@@ -375,15 +380,15 @@ class UpstreamClient:
                     await asyncio.sleep(min(retry_after or 0.5 * attempt, _MAX_RETRY_AFTER))
                     continue
                 raise UpstreamUnavailable(
-                    f"upstream {self.host} answered {response.status} for {repository}/{path}"
+                    f"{self.role} {self.host} answered {response.status} for {repository}/{path}"
                 )
             if response.status == 404:
                 response.release()
-                raise UpstreamNotFound(f"upstream {self.host} has no {repository}/{path}")
+                raise UpstreamNotFound(f"{self.role} {self.host} has no {repository}/{path}")
             if response.status >= 400:
                 response.release()
                 raise UpstreamError(
-                    f"upstream {self.host} answered {response.status} for {repository}/{path}"
+                    f"{self.role} {self.host} answered {response.status} for {repository}/{path}"
                 )
             return response
 
@@ -417,7 +422,7 @@ class UpstreamClient:
             except (ValueError, AttributeError):
                 page = None
             if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
-                raise UpstreamError(f"upstream {self.host}: malformed tags list of {repository}")
+                raise UpstreamError(f"{self.role} {self.host}: malformed tags list of {repository}")
             tags.extend(page)
             match = _NEXT_LINK_RE.search(response.headers.get("Link", ""))
             query = urllib.parse.urlsplit(match.group(1)).query if match else ""
@@ -425,12 +430,12 @@ class UpstreamClient:
                 return tags
             path = f"tags/list?{query}"
         raise UpstreamError(
-            f"upstream {self.host}: tags list of {repository} longer than {_TAGS_MAX_PAGES} pages"
+            f"{self.role} {self.host}: tags list of {repository} longer than {_TAGS_MAX_PAGES} pages"
         )
 
     async def _read(self, response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
         """The whole body of ``response`` (released afterwards), at most ``limit`` bytes."""
-        too_large = UpstreamError(f"upstream {self.host}: {what} larger than {limit} bytes")
+        too_large = UpstreamError(f"{self.role} {self.host}: {what} larger than {limit} bytes")
         try:
             if response.content_length is not None and response.content_length > limit:
                 raise too_large
@@ -442,7 +447,7 @@ class UpstreamClient:
                     raise too_large
                 parts.append(chunk)
         except (TimeoutError, aiohttp.ClientError) as e:
-            raise UpstreamUnavailable(f"upstream {self.host}: reading {what}: {e}") from None
+            raise UpstreamUnavailable(f"{self.role} {self.host}: reading {what}: {e}") from None
         finally:
             response.release()
         return b"".join(parts)

@@ -8,6 +8,7 @@ the e2e test mirrors for real."""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,25 @@ def test_refused_credentials_stop_the_push_with_one_reason(
     assert len(err) == 2 and "refused the credentials of user 'puller'" in err[0], err
     assert err[1].startswith("bastion: stopped; so far: pushed to")
     assert distribution_upstream.count_requests("PUT", "") == 0
+
+
+def test_an_unreachable_target_stops_the_push_with_one_reason(
+    releases: list[Release], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed(tmp_path / "a", releases[0])
+    out = tmp_path / "export"
+    export(tmp_path / "a", out)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    capsys.readouterr()
+    code = bastion(
+        "import", str(out), "--to", f"127.0.0.1:{port}/{PREFIX}", "--plain-http",
+        "--root", str(tmp_path / "scratch"),
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    # one reason, not one line per blob; the target is not called "upstream"
+    assert len(err) == 2, err
+    assert err[0].startswith(f"bastion: registry 127.0.0.1:{port} unreachable"), err
+    assert err[1].startswith("bastion: stopped; so far: pushed to")
