@@ -44,6 +44,8 @@ _POLL: Final = 0.02
 #: A follower that sees no byte for this long checks whether the leader is still alive.
 _LIVENESS_EVERY: Final = 1.0
 _READ: Final = 1 << 20
+#: Bytes received from the upstream that may wait for the disk before the upstream is paused.
+MAX_PENDING: Final = 8 << 20
 #: Bytes of a blob held back from clients until the whole blob matched its digest.
 HOLD_BACK: Final = 64 * 1024
 
@@ -378,8 +380,11 @@ class Fills:
             hasher = hashlib.new(digest.algorithm)
             total = 0
             # Pipelined: while one batch is written and hashed in a thread, the pieces that
-            # arrive meanwhile gather into the next batch (one thread hop per batch).
+            # arrive meanwhile gather into the next batch (one thread hop per batch). At most
+            # MAX_PENDING bytes gather: then the upstream waits for the disk (memory stays
+            # flat whatever the blob size and however slow the disk).
             pending: list[bytes] = []
+            pending_bytes = 0
             writing: asyncio.Future[None] | None = None
             try:
                 async for chunk in source.chunks():
@@ -389,12 +394,14 @@ class Fills:
                             f"upstream sent more than the {source.size} bytes announced"
                         )
                     pending.append(chunk)
-                    if writing is None or writing.done():
-                        if writing is not None:
-                            await writing  # raises its error, if any
-                            leader.notify()
-                        writing = asyncio.ensure_future(_run(_append, data_fd, pending, hasher))
-                        pending = []
+                    pending_bytes += len(chunk)
+                    if writing is not None and not writing.done() and pending_bytes < MAX_PENDING:
+                        continue
+                    if writing is not None:
+                        await writing  # raises its error, if any; waits if the disk is behind
+                        leader.notify()
+                    writing = asyncio.ensure_future(_run(_append, data_fd, pending, hasher))
+                    pending, pending_bytes = [], 0
             finally:
                 if writing is not None:  # never leave a write running on a closing fd
                     await asyncio.wait([writing])
