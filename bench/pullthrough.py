@@ -66,6 +66,8 @@ from common import (
     write_random_file,
 )
 
+#: Peak RSS a bastion worker may reach (issue 7's bound, flat in blob size).
+WORKER_RSS_LIMIT_KIB = 150 * 1024
 NAMESPACE = "quay.io"  # what bastion's config calls the upstream; clients say /v2/quay.io/...
 SMALL_LAYERS = (1 * MiB, 256 * KiB, 16 * KiB)
 SETTLE_TIMEOUT = 180.0
@@ -231,6 +233,7 @@ class OpStats:
     other: list[int] = field(default_factory=list)
     up_bytes: list[int] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
+    worker_kib: list[int] = field(default_factory=list)  # bastion: its largest worker's peak
     cpu_s: list[float] = field(default_factory=list)
     ttfb: list[float] = field(default_factory=list)  # stampede: each client's first byte
     errors: list[str] = field(default_factory=list)
@@ -365,6 +368,8 @@ def timed(
     if m.peak_kib:
         stats.rss_kib.append(m.peak_total_kib)
         stats.cpu_s.append(m.cpu_total_s)
+        workers = [kib for role, kib in m.peak_kib.items() if role.startswith("worker")]
+        stats.worker_kib.append(max(workers, default=0))
     shown = "FAILED" if elapsed is None else f"{elapsed:7.2f} s"
     log(
         f"  {op:<16} {peer.name:<8} {shown}  upstream: {gets} blob GETs "
@@ -591,6 +596,21 @@ def report(
             suspicious.append(
                 f"bastion warm pull of {img} reached the upstream: blob GETs {warm.blob_gets}, "
                 f"other {warm.other}"
+            )
+    worker_peaks = {
+        op: max(st.worker_kib)
+        for (op, peer), st in run.ops.items()
+        if peer == "bastion" and st.worker_kib
+    }
+    if worker_peaks:
+        op, kib = max(worker_peaks.items(), key=lambda item: item[1])
+        notes.append(
+            f"bastion peak RSS per worker, max over operations: {kib / 1024:.0f} MiB ({op})"
+        )
+        if kib > WORKER_RSS_LIMIT_KIB:
+            suspicious.append(
+                f"a bastion worker peaked at {kib / 1024:.0f} MiB during {op} "
+                f"(issue 7: at most {WORKER_RSS_LIMIT_KIB // 1024} MiB, flat in blob size)"
             )
     if suspicious:
         notes.append("")
