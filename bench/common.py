@@ -604,6 +604,8 @@ __all__ += [
     "write_layer_file",
     "write_random_file",
     "import_tests",
+    "skipped",
+    "SKIPPED",
 ]
 
 
@@ -613,6 +615,29 @@ def import_tests() -> None:
     root = str(REPO_ROOT)
     if root not in sys.path:
         sys.path.insert(0, root)
+
+
+#: The exit status of a benchmark that cannot run here (``run.py`` reports it as skipped).
+SKIPPED = 77
+
+
+def skipped(name: str, *commands: str) -> int | None:
+    """None if ``commands``, the project's ``bastion`` and the tests' harness (PyJWT and
+    cryptography, from the test extras) are all there; else why not, printed as the
+    benchmark ``name``'s one line, and ``SKIPPED`` to exit with."""
+    try:
+        for command in commands:
+            require(command)
+        bastion_executable()
+        import_tests()
+        import tests.upstream  # noqa: F401
+    except Skip as e:
+        print(f"{name}: skipped: {e}", file=sys.stderr)
+        return SKIPPED
+    except ImportError as e:
+        print(f"{name}: skipped: {e} (pip install -e '.[test]')", file=sys.stderr)
+        return SKIPPED
+    return None
 
 
 @dataclass
@@ -831,31 +856,10 @@ class Skopeo:
         )
 
 
-DISTRIBUTION_PROXY_CONFIG = """\
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: {host}:{port}
-  secret: bastion-bench-not-a-secret
-health:
-  storagedriver:
-    enabled: false
-proxy:
-  remoteurl: {remote}
-  username: {username}
-  password: {password}
-"""
+#: The plain configuration plus a ``proxy:`` section (warnings logged: its upstream traffic).
+DISTRIBUTION_PROXY_CONFIG = DISTRIBUTION_CONFIG.replace("level: error", "level: warn") + (
+    "proxy:\n  remoteurl: {remote}\n  username: {username}\n  password: {password}\n"
+)
 
 
 class DistributionProxyServer(DistributionServer):

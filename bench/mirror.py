@@ -42,21 +42,19 @@ from common import (
     GiB,
     MiB,
     RunResult,
-    Skip,
     Skopeo,
     TokenUpstream,
     bastion_executable,
     fmt_num,
     fmt_ratio,
     hwm_reset_supported,
-    import_tests,
     median,
     own_peak_rss_kib,
     paired_ratio,
     parse_size,
     render_table,
-    require,
     run_measured,
+    skipped,
     tmpdir,
 )
 
@@ -415,18 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.rounds < 1 or args.components < 6 or payload < 1 or args.skopeo_jobs < 1:
         p.error("need --rounds >= 1, --components >= 6, --payload-size > 0, --skopeo-jobs >= 1")
-    try:
-        require("docker-registry")
-        require("skopeo")
-        bastion_executable()
-        import_tests()
-        from tests.release import build_release, push_release
-    except Skip as e:
-        print(f"mirror: skipped: {e}", file=sys.stderr)
-        return 77
-    except ImportError as e:
-        print(f"mirror: skipped: {e} (pip install -e '.[test]')", file=sys.stderr)
-        return 77
+    skip = skipped("mirror", "docker-registry", "skopeo")
+    if skip is not None:
+        return skip
+    from tests.release import build_release, push_release
+
     hwm_reset_supported()
     t0 = time.monotonic()
     log(f"building a release of {args.components} components, payload {args.payload_size} ...")

@@ -45,21 +45,18 @@ from common import (
     Measurement,
     MiB,
     Server,
-    Skip,
     Skopeo,
     TokenUpstream,
-    bastion_executable,
     fmt_num,
     fmt_ratio,
     fmt_size,
     hwm_reset_supported,
-    import_tests,
     median,
     own_peak_rss_kib,
     paired_ratio,
     parse_size,
     render_table,
-    require,
+    skipped,
     stream_get,
     tmpdir,
     write_layer_file,
@@ -650,18 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.rounds < 1 or args.clients < 1 or layer_size < 1 or stampede_size < 1:
         p.error("need --rounds, --clients and sizes >= 1")
-    try:
-        require("docker-registry")
-        require("skopeo")
-        bastion_executable()
-        import_tests()
-        import tests.upstream  # noqa: F401  (needs the test extras: PyJWT, cryptography)
-    except Skip as e:
-        print(f"pullthrough: skipped: {e}", file=sys.stderr)
-        return 77
-    except ImportError as e:
-        print(f"pullthrough: skipped: {e} (pip install -e '.[test]')", file=sys.stderr)
-        return 77
+    skip = skipped("pullthrough", "docker-registry", "skopeo")
+    if skip is not None:
+        return skip
     # upstream copy + per round: two caches + one skopeo output, plus the seed file
     need = (layer_size + stampede_size) * 4 * 1.1
     free = shutil.disk_usage(args.tmp).free

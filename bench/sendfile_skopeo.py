@@ -29,7 +29,6 @@ from contextlib import ExitStack
 
 from common import (
     BenchError,
-    Skip,
     Skopeo,
     fmt_ratio,
     fmt_size,
@@ -37,7 +36,7 @@ from common import (
     paired_ratio,
     parse_size,
     render_table,
-    require,
+    skipped,
     tmpdir,
 )
 
@@ -57,16 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if args.rounds < 1:
         p.error("need --rounds >= 1")
-    try:
-        require("docker-registry")
-        require("skopeo")
-        import pullthrough as pt  # also imports the tests' upstream harness
-    except Skip as e:
-        print(f"sendfile_skopeo: skipped: {e}", file=sys.stderr)
-        return 77
-    except ImportError as e:
-        print(f"sendfile_skopeo: skipped: {e} (pip install -e '.[test]')", file=sys.stderr)
-        return 77
+    skip = skipped("sendfile_skopeo", "docker-registry", "skopeo")
+    if skip is not None:
+        return skip
+    import pullthrough as pt
 
     t0 = time.monotonic()
     wall: dict[str, list[float]] = {n: [] for n in PEERS}
