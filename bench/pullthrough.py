@@ -47,6 +47,7 @@ from common import (
     Server,
     Skopeo,
     TokenUpstream,
+    cpu_seconds,
     fmt_num,
     fmt_ratio,
     fmt_size,
@@ -232,6 +233,8 @@ class OpStats:
     rss_kib: list[int] = field(default_factory=list)
     worker_kib: list[int] = field(default_factory=list)  # bastion: its largest worker's peak
     cpu_s: list[float] = field(default_factory=list)
+    up_cpu_s: list[float] = field(default_factory=list)  # the upstream's CPU seconds
+    client_cpu_s: list[float] = field(default_factory=list)  # skopeo's CPU seconds (pulls)
     ttfb: list[float] = field(default_factory=list)  # stampede: each client's first byte
     errors: list[str] = field(default_factory=list)
 
@@ -251,10 +254,14 @@ def traffic(entries: list[Any]) -> tuple[int, int, int]:
     return gets, size, other
 
 
-def skopeo_pull(skopeo: Skopeo, peer: Peer, image: ImageSpec, out: Path) -> None:
+def skopeo_pull(
+    skopeo: Skopeo, peer: Peer, image: ImageSpec, out: Path, stats: OpStats | None = None
+) -> None:
     shutil.rmtree(out, ignore_errors=True)
     try:
         r = skopeo.copy(peer.ref(image), f"dir:{out}", src_creds=peer.creds, timeout=600)
+        if stats is not None:
+            stats.client_cpu_s.append(r.cpu_s)
         if not r.ok:
             raise BenchError(f"{peer.label}: {r.describe()}")
         got = {p.name for p in out.iterdir()}
@@ -331,6 +338,7 @@ def timed(
     up.reset_counts()
     err = ""
     elapsed: float | None = None
+    up_cpu0 = cpu_seconds(up.pid) if up.pid else 0.0
     with peer.measure() as m:
         t0 = time.perf_counter()
         try:
@@ -351,6 +359,8 @@ def timed(
                 peer.server.check_alive()
         except BenchError as e:
             err = f"{err}\n{e}" if err else str(e)
+    if up.pid:
+        stats.up_cpu_s.append(cpu_seconds(up.pid) - up_cpu0)
     gets, size, other = traffic(up.access_log())
     if err:
         elapsed = None
@@ -426,7 +436,7 @@ def run_round(
         order = [peers[n] for n in PEERS]
         order = order[r % 3 :] + order[: r % 3]
         out = rdir / "pulled"
-        for image_name in ("app", "small"):
+        for image_name in [n for n in ("app", "small") if n in args.ops]:
             image = images[image_name]
             for phase in ("cold", "warm"):
                 op = f"{phase} {image_name}"
@@ -437,10 +447,10 @@ def run_round(
                         p,
                         up,
                         [dg for dg, _ in image.blobs],
-                        lambda st, p=p, image=image: skopeo_pull(skopeo, p, image, out),
+                        lambda st, p=p, image=image: skopeo_pull(skopeo, p, image, out, st),
                     )
         repo, digest, size = blob
-        for p in order:
+        for p in order if "stampede" in args.ops else []:
             timed(
                 run,
                 "stampede",
@@ -476,7 +486,11 @@ def report(
     blob: tuple[str, str, int],
     upstream_label: str,
 ) -> tuple[str, bool]:
-    ops = ["cold app", "warm app", "cold small", "warm small", "stampede"]
+    ops = [
+        op
+        for op in ["cold app", "warm app", "cold small", "warm small", "stampede"]
+        if op.split()[-1] in args.ops
+    ]
     names = {
         "cold app": f"cold pull app ({images['app'].size / MiB:.0f} MiB)",
         "warm app": "warm pull app",
@@ -549,6 +563,34 @@ def report(
         )
     table = render_table(header, rows, left=1, separators=(1, 6, 11, 13), groups=groups)
 
+    def cpu(values: list[float]) -> str:
+        return fmt_num(median(values))
+
+    cpu_rows: list[list[Any]] = []
+    for op in ops:
+        b, p, d = run.stats(op, "bastion"), run.stats(op, "proxy"), run.stats(op, "direct")
+        cpu_rows.append(
+            [
+                names[op],
+                cpu(b.cpu_s),
+                cpu(b.up_cpu_s),
+                cpu(b.client_cpu_s),
+                cpu(p.cpu_s),
+                cpu(p.up_cpu_s),
+                cpu(p.client_cpu_s),
+                cpu(d.up_cpu_s),
+                cpu(d.client_cpu_s),
+            ]
+        )
+    cpu_table = render_table(
+        [["CPU seconds", *["server", "upstream", "skopeo"] * 2, "upstream", "skopeo"]],
+        cpu_rows,
+        left=1,
+        separators=(1, 4, 7),
+        groups=[(1, "bastion"), (4, "distribution proxy"), (7, "direct")],
+    )
+    table += "\n\n" + cpu_table
+
     st_b, st_p, st_d = (run.stats("stampede", n) for n in PEERS)
     notes = [
         "",
@@ -567,6 +609,8 @@ def report(
         " faster.",
         "direct = skopeo (or the raw GETs) against the upstream itself with the pull credentials"
         " (no cache).",
+        "CPU seconds = medians over rounds: the cache's processes (bastion: parent and workers),"
+        " the upstream, and skopeo (pulls only).",
     ]
     for name, st in (("bastion", st_b), ("proxy", st_p), ("direct", st_d)):
         if st.blob_gets:
@@ -581,7 +625,7 @@ def report(
             f"bastion fetched the stampede blob {st_b.blob_gets} times from the upstream "
             "(expected 1 per round)"
         )
-    for img in ("app", "small"):
+    for img in [n for n in ("app", "small") if n in args.ops]:
         cold, warm = run.stats(f"cold {img}", "bastion"), run.stats(f"warm {img}", "bastion")
         want = len(images[img].blobs)
         if any(n != want for n in cold.blob_gets):
@@ -639,7 +683,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="bastion --workers (default 2)")
     p.add_argument("--seed", type=int, default=1, help="seed of the content (default 1)")
     p.add_argument("--tmp", default="/tmp", help="where the temporary directory goes")
+    p.add_argument(
+        "--ops",
+        default="app,small,stampede",
+        help="which operations: app (cold and warm pull), small (likewise), stampede; "
+        "comma-separated (default all)",
+    )
     args = p.parse_args(argv)
+    args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = sorted(set(args.ops) - {"app", "small", "stampede"})
+    if unknown or not args.ops:
+        p.error(f"--ops: unknown {', '.join(unknown) or '(none given)'}")
     try:
         layer_size = parse_size(args.layer_size)
         stampede_size = parse_size(args.stampede_size)
