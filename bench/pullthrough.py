@@ -7,7 +7,7 @@ once with a deterministic image set:
   app:1       Docker schema2 image: one --layer-size layer (default 256 MiB payload) and three
               small layers (1 MiB, 256 KiB, 16 KiB), all valid gzip tars
   small:1     three small layers only (latency, not bandwidth)
-  stampede    one --stampede-size blob (default 256 MiB) that no cache has seen
+  stampede    one --stampede-size blob (default 1 GiB, issue 7's setting) that no cache has seen
 
 Every round starts both caches fresh (new processes, empty stores) and runs, each peer back to
 back and in a rotating order:
@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         "--layer-size", default="256MiB", help="payload of app:1's big layer (default 256MiB)"
     )
     p.add_argument(
-        "--stampede-size", default="256MiB", help="size of the stampede blob (default 256MiB)"
+        "--stampede-size", default="1GiB", help="size of the stampede blob (default 1GiB)"
     )
     p.add_argument("--clients", type=int, default=20, help="stampede GETs at once (default 20)")
     p.add_argument("--workers", type=int, default=2, help="bastion --workers (default 2)")
