@@ -30,6 +30,13 @@ def images() -> dict[tuple[str, str], Image]:
     }
 
 
+@pytest.fixture
+def src(images: dict[tuple[str, str], Image], tmp_path: Path) -> Path:
+    """A store holding ``images``."""
+    seed_images(tmp_path / "src", images)
+    return tmp_path / "src"
+
+
 def interrupted(monkeypatch: pytest.MonkeyPatch, where: str, *args: str) -> None:
     """Run ``bastion export ARGS`` and cut it short (as ^C would) when it calls ``where``
     (a function of ``server.export``), leaving a partial blob beside the complete ones."""
@@ -57,28 +64,26 @@ def blob_files(directory: Path) -> set[str]:
 
 
 def test_another_selection_is_refused_and_the_same_one_continues(
-    images: dict[tuple[str, str], Image],
+    src: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    src = str(tmp_path / "src")
-    seed_images(tmp_path / "src", images)
     out = tmp_path / "hx"
-    interrupted(monkeypatch, "_mirror_config", "--root", src, "--to", str(out), "--repo", HUGE)
+    interrupted(monkeypatch, "_mirror_config", "--root", str(src), "--to", str(out), "--repo", HUGE)
     marker = json.loads((out / "bastion-export.partial.json").read_text())
     assert marker["selection"]["repos"] == [HUGE]
     before = files(out)
     capsys.readouterr()
 
-    assert bastion("export", "--root", src, "--to", str(out), "--repo", APP) == 2
+    assert bastion("export", "--root", str(src), "--to", str(out), "--repo", APP) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"holds an interrupted export of --repo {HUGE}, not of --repo {APP}" in line
     assert "same arguments" in line and "new directory" in line
     assert files(out) == before  # refused: nothing touched
-    assert bastion("export", "--root", src, "--to", str(out)) == 2  # everything is another too
+    assert bastion("export", "--root", str(src), "--to", str(out)) == 2  # everything is another too
 
-    assert bastion("export", "--root", src, "--to", str(out), "--repo", HUGE) == 0
+    assert bastion("export", "--root", str(src), "--to", str(out), "--repo", HUGE) == 0
     assert "blobs: 0 written" in capsys.readouterr().out  # what was there was kept
     meta = json.loads((out / "bastion-export.json").read_text())
     assert meta["id"] == marker["id"]
@@ -89,12 +94,11 @@ def test_another_selection_is_refused_and_the_same_one_continues(
 
 def test_a_resumed_export_drops_what_it_no_longer_carries(
     images: dict[tuple[str, str], Image],
+    src: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    src = tmp_path / "src"
-    seed_images(src, images)
     out = tmp_path / "out"
     interrupted(monkeypatch, "_mirror_config", "--root", str(src), "--to", str(out))
     huge = images[HUGE, "v1"]
@@ -108,15 +112,13 @@ def test_a_resumed_export_drops_what_it_no_longer_carries(
 
 
 def test_split_export_resumes_only_with_the_same_volume_size(
-    images: dict[tuple[str, str], Image],
+    src: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    src = str(tmp_path / "src")
-    seed_images(tmp_path / "src", images)
     out = tmp_path / "vols"
-    args = ["--root", src, "--to", str(out)]
+    args = ["--root", str(src), "--to", str(out)]
     with monkeypatch.context() as m:  # cut short while packing: after the first volume
         pack = volumes.pack
 
@@ -141,15 +143,14 @@ def test_split_export_resumes_only_with_the_same_volume_size(
 
 
 def test_an_export_held_by_another_run_is_not_touched(
-    images: dict[tuple[str, str], Image], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    seed_images(tmp_path / "src", images)
     out = tmp_path / "busy"
     out.mkdir()
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        assert bastion("export", "--root", str(tmp_path / "src"), "--to", str(out)) == 1
+        assert bastion("export", "--root", str(src), "--to", str(out)) == 1
     finally:
         os.close(fd)
     assert f"another export is writing to {out}" in capsys.readouterr().err
