@@ -69,7 +69,7 @@ class _CountingBlob:
         self.size = blob.size
         self._started = time.monotonic()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
         total = 0
         try:
             async for chunk in self._blob.chunks():

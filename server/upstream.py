@@ -24,6 +24,7 @@ from typing import ClassVar, Final
 
 import aiohttp
 
+from . import body
 from .authfile import AuthFileError, Credentials, load_authfile, lookup
 from .config import UpstreamConfig
 
@@ -101,6 +102,10 @@ class UpstreamBlob:
     """An open blob response: ``size`` (None if the upstream sent no length) and ``chunks``.
     The caller must ``close`` it.
 
+    A large body is received into reused buffers (``server.body``): a piece ``chunks`` yields
+    is valid only until the next one is asked for, so a consumer uses it (writes it, hashes
+    it) before it moves on, and never keeps it.
+
     A body that breaks off midway (connection reset or closed early, read timeout) is resumed
     where it stopped with ``Range: bytes=N-``, up to ``MAX_RESUMES`` times, as containers/image
     does: the caller sees one uninterrupted stream and checks the digest of the whole as
@@ -115,14 +120,14 @@ class UpstreamBlob:
         self._client, self._repository, self._digest = client, repository, digest
         self.size = response.content_length
         self.resumes = 0
+        self._taken = False  # the response's connection was taken over (server.body)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
         received = 0
         skip = 0  # bytes to drop from a resumed answer that ignored the Range
         while True:
             try:
-                # iter_any: hand bytes on as they arrive, so clients see the first byte at once
-                async for chunk in self._response.content.iter_any():
+                async for chunk in self._body():
                     if skip:
                         dropped = min(skip, len(chunk))
                         chunk, skip = chunk[dropped:], skip - dropped
@@ -144,13 +149,28 @@ class UpstreamBlob:
                     self.size,
                     e.__class__.__name__,
                 )
-                self._response.release()
+                self._response.close()  # a body that broke off: never reuse its connection
+                self._taken = False
                 await asyncio.sleep(0.2 * self.resumes)
                 try:
                     skip = await self._resume(received)
                 except UpstreamError as refused:
                     log.warning("upstream %s: resuming failed: %s", self._client.host, refused)
                     raise e from None
+
+    async def _body(self) -> AsyncIterator[bytes | memoryview]:
+        """The current response's body as it arrives (so clients see the first byte at once)."""
+        taken = body.take_over(self._response)
+        self._taken = taken is not None
+        if taken is None:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+            return
+        head, receiver = taken
+        if head:
+            yield head
+        async for piece in body.pieces(receiver, self._client.config.read_timeout):
+            yield piece
 
     async def _resume(self, offset: int) -> int:
         """Ask for the rest from ``offset``; returns the bytes to skip in the answer."""
@@ -174,7 +194,10 @@ class UpstreamBlob:
         )
 
     def close(self) -> None:
-        self._response.release()
+        if self._taken:
+            self._response.close()  # the connection was ours: it goes, not back to the pool
+        else:
+            self._response.release()
 
 
 class UpstreamClient:

@@ -44,8 +44,6 @@ _POLL: Final = 0.02
 #: A follower that sees no byte for this long checks whether the leader is still alive.
 _LIVENESS_EVERY: Final = 1.0
 _READ: Final = 1 << 20
-#: Bytes received from the upstream that may wait for the disk before the upstream is paused.
-MAX_PENDING: Final = 8 << 20
 #: Bytes of a blob held back from clients until the whole blob matched its digest.
 HOLD_BACK: Final = 64 * 1024
 
@@ -61,7 +59,10 @@ class SourceMissing(FillFailed):
 class BlobSource(Protocol):
     size: int | None
 
-    def chunks(self) -> AsyncIterator[bytes]: ...
+    def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        """The body as it arrives. A piece may be a reused buffer: valid only until the next
+        piece is asked for."""
+        ...
 
     def close(self) -> None: ...
 
@@ -379,37 +380,16 @@ class Fills:
             leader.started.set()
             hasher = hashlib.new(digest.algorithm)
             total = 0
-            # Pipelined: while one batch is written and hashed in a thread, the pieces that
-            # arrive meanwhile gather into the next batch (one thread hop per batch). At most
-            # MAX_PENDING bytes gather: then the upstream waits for the disk (memory stays
-            # flat whatever the blob size and however slow the disk).
-            pending: list[bytes] = []
-            pending_bytes = 0
-            writing: asyncio.Future[None] | None = None
-            try:
-                async for chunk in source.chunks():
-                    total += len(chunk)
-                    if source.size is not None and total > source.size:
-                        raise FillFailed(
-                            f"upstream sent more than the {source.size} bytes announced"
-                        )
-                    pending.append(chunk)
-                    pending_bytes += len(chunk)
-                    if writing is not None and not writing.done() and pending_bytes < MAX_PENDING:
-                        continue
-                    if writing is not None:
-                        await writing  # raises its error, if any; waits if the disk is behind
-                        leader.notify()
-                    writing = asyncio.ensure_future(_run(_append, data_fd, pending, hasher))
-                    pending, pending_bytes = [], 0
-            finally:
-                if writing is not None:  # never leave a write running on a closing fd
-                    await asyncio.wait([writing])
-            if writing is not None:
-                await writing
-            if pending:
-                await _run(_append, data_fd, pending, hasher)
-            leader.notify()
+            # Each piece is written and hashed (in a thread) before the next is asked for: a
+            # source may hand over reused buffers (server.body), and it keeps receiving into
+            # its other buffers meanwhile. Nothing gathers here, so a disk slower than the
+            # upstream holds the upstream back (TCP flow control), and memory stays flat.
+            async for chunk in source.chunks():
+                total += len(chunk)
+                if source.size is not None and total > source.size:
+                    raise FillFailed(f"upstream sent more than the {source.size} bytes announced")
+                await _write(data_fd, chunk, hasher)
+                leader.notify()
             if source.size is not None and total != source.size:
                 raise FillFailed(
                     f"upstream body of {digest} truncated: {total} of {source.size} bytes"
@@ -461,13 +441,23 @@ def _failure(state: dict[str, Any]) -> FillFailed:
     return cls(state.get("error") or "fetch failed")
 
 
-def _append(fd: int, pieces: list[bytes], hasher: Any) -> None:
-    for data in pieces:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        hasher.update(data)
+async def _write(fd: int, data: bytes | memoryview, hasher: Any) -> None:
+    """``_append`` in a thread; if the caller is cancelled meanwhile, the write still ends
+    before the cancellation goes on (the fd is about to be closed, the buffer reused)."""
+    future = asyncio.get_running_loop().run_in_executor(None, _append, fd, data, hasher)
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
+
+
+def _append(fd: int, data: bytes | memoryview, hasher: Any) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    hasher.update(data)
 
 
 def _commit(src: str, dst: str) -> None:

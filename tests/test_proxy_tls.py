@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import ssl
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from server import body
 from server.app import make_app
 from server.config import Config, StorageConfig, UpstreamConfig
 
@@ -103,3 +105,37 @@ async def test_upstream_tls(
         assert r.status == 502 and await error_code(r) == "UNKNOWN"
         assert "quay.io" in (await r.json())["errors"][0]["message"]
         assert "CERTIFICATE_VERIFY_FAILED" in caplog.text  # the cause is in the registry log
+
+
+async def test_large_blob_over_tls_is_received_into_reused_buffers(
+    aiohttp_client, tmp_path: Path, pki, https_upstream, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """A body big enough to be taken over (server.body) arrives whole through TLS."""
+    taken: list[bool] = []
+    real = body.take_over
+
+    def spy(response, max_buffers=8):  # type: ignore[no-untyped-def]
+        result = real(response, max_buffers)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(body, "take_over", spy)
+    url, plain = https_upstream
+    data = os.urandom(5 * body.PIECE + 77)
+    digest = await push_blob(plain, "team/big", data)
+    up = UpstreamConfig(
+        host="quay.io",
+        url=url,
+        namespace="quay.io",
+        connect_timeout=2,
+        read_timeout=5,
+        ca_file=str(pki["ca"]),
+    )
+    cache = await aiohttp_client(
+        make_app(
+            Config(storage=StorageConfig(root=str(tmp_path / "cache")), upstreams={"quay.io": up})
+        )
+    )
+    r = await cache.get(f"/v2/quay.io/team/big/blobs/{digest}")
+    assert r.status == 200 and await r.read() == data
+    assert taken == [True]
