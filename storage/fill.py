@@ -46,6 +46,11 @@ _LIVENESS_EVERY: Final = 1.0
 _READ: Final = 1 << 20
 #: Bytes of a blob held back from clients until the whole blob matched its digest.
 HOLD_BACK: Final = 64 * 1024
+#: A follower that caught up with the fetch sends again once this much more has landed, or
+#: after ``FOLLOW_DELAY`` seconds: twenty clients woken for every piece that lands each read
+#: a few kilobytes per wakeup (measured: ~15% more client CPU in a 1 GiB stampede).
+FOLLOW_BURST: Final = 16 << 20
+FOLLOW_DELAY: Final = 0.2
 
 
 class FillFailed(StoreError):
@@ -174,14 +179,14 @@ class Fill:
             return "done", {"size": size}
         return "failed", {"error": f"fetch of {self.digest} was interrupted"}
 
-    async def _wait(self) -> None:
+    async def _wait(self, at_most: float = _LIVENESS_EVERY) -> None:
         if self._leader is not None:
             try:
-                await asyncio.wait_for(self._leader.changed.wait(), _LIVENESS_EVERY)
+                await asyncio.wait_for(self._leader.changed.wait(), min(at_most, _LIVENESS_EVERY))
             except TimeoutError:
                 pass
         else:
-            await asyncio.sleep(_POLL)
+            await asyncio.sleep(min(at_most, _POLL))
 
     def _open(self) -> int:
         try:
@@ -209,22 +214,36 @@ class Fill:
         """(offset, count) ranges of ``file`` (from ``open_file``) covering ``[start, end)``,
         each yielded once its bytes are written, so they can go out with sendfile(2). The last
         piece (``HOLD_BACK`` bytes) is yielded only after the whole blob matched its digest;
-        ``FillFailed`` is raised instead if it does not."""
+        ``FillFailed`` is raised instead if it does not. Once caught up with the fetch, the
+        next range waits for ``FOLLOW_BURST`` bytes or ``FOLLOW_DELAY`` seconds."""
         pos = start
         hold = max(end - HOLD_BACK, start)
+        sent_at = time.monotonic()
         while pos < hold:
             available = min(os.fstat(file.fileno()).st_size, hold)
-            if available > pos:
-                yield pos, available - pos
-                pos = available
+            ready = available - pos
+            if (
+                ready >= FOLLOW_BURST
+                or available == hold
+                or (ready > 0 and time.monotonic() - sent_at >= FOLLOW_DELAY)
+            ):
+                yield pos, ready
+                pos, sent_at = available, time.monotonic()
                 continue
             status, state = await self._status()
             if status == "failed":
                 raise _failure(state)
-            finished = status in ("done", "verified")
-            if finished and os.fstat(file.fileno()).st_size <= pos:
+            if status in ("done", "verified"):
+                if os.fstat(file.fileno()).st_size > available:
+                    continue  # written between our look and the state change
+                if ready > 0:
+                    yield pos, ready
+                    pos = available
+                    continue
                 raise FillFailed(f"fetch of {self.digest} ended short")
-            if not finished:
+            if ready > 0:  # what has landed goes out within FOLLOW_DELAY, also in a stall
+                await self._wait(max(FOLLOW_DELAY - (time.monotonic() - sent_at), 0.001))
+            else:
                 await self._wait()
         await self.wait(committed=False)  # verified: now the last piece may go
         if os.fstat(file.fileno()).st_size < end:

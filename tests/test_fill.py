@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator
@@ -126,3 +127,78 @@ async def test_a_cancelled_fill_waits_for_its_write_to_end(
         for p in (tmp_path / "proxy").rglob("*")
         if p.name.startswith(digest.hex + ".") and not p.name.endswith((".lock", ".state"))
     ]
+
+
+class TrickleSource:
+    """Hands over small pieces with pauses; with ``stall``, stops after the first piece until
+    the event is set."""
+
+    def __init__(self, data: bytes, piece: int, stall: asyncio.Event | None = None) -> None:
+        self.data, self.piece, self.stall = data, piece, stall
+        self.size: int | None = len(data)
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        for i in range(0, len(self.data), self.piece):
+            yield self.data[i : i + self.piece]
+            if self.stall is not None and i == 0:
+                await self.stall.wait()
+            await asyncio.sleep(0.001)
+
+    def close(self) -> None:
+        pass
+
+
+async def _follow(
+    fills: Fills, digest: Digest, source: TrickleSource
+) -> list[tuple[int, int, float]]:
+    """The ranges a follower is handed: (offset, count, seconds since the fill opened)."""
+
+    async def fetch() -> TrickleSource:
+        return source
+
+    t0 = time.monotonic()
+    fill = await fills.open(digest, fetch)
+    assert fill is not None
+    regions = []
+    with fill.open_file() as f:
+        async for offset, count in fill.regions(f, 0, len(source.data)):
+            regions.append((offset, count, time.monotonic() - t0))
+    return regions
+
+
+async def test_a_follower_that_caught_up_sends_in_bursts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    burst = 256 * 1024
+    monkeypatch.setattr(fill_module, "FOLLOW_BURST", burst)
+    monkeypatch.setattr(fill_module, "FOLLOW_DELAY", 30.0)
+    data = os.urandom(2 << 20)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    fills = Fills(str(tmp_path))
+    regions = await _follow(fills, digest, TrickleSource(data, 16 * 1024))
+    await fills.close()
+    # contiguous, the whole blob, and (but for the last range before the held-back tail and
+    # the tail itself) never less than a burst: not one sendfile per 16 KiB that landed
+    counts = [c for _, c, _ in regions]
+    assert [o for o, _, _ in regions] == [0, *itertools.accumulate(counts)][:-1]
+    assert sum(counts) == len(data)
+    assert all(c >= burst for c in counts[:-2]), counts
+
+
+async def test_a_stalled_fetch_still_reaches_a_follower_within_the_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fill_module, "FOLLOW_DELAY", 0.1)
+    data = os.urandom(1 << 20)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    stall = asyncio.Event()
+    fills = Fills(str(tmp_path))
+    follower = asyncio.ensure_future(_follow(fills, digest, TrickleSource(data, 10_000, stall)))
+    await asyncio.sleep(1.5)  # the upstream sent 10 000 bytes, then nothing for 1.5 s
+    stall.set()
+    regions = await follower
+    await fills.close()
+    offset, count, when = regions[0]
+    assert (offset, count) == (0, 10_000)
+    assert when < 0.75, regions  # not held for a burst until the stall ended
+    assert sum(c for _, c, _ in regions) == len(data)
