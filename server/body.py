@@ -78,10 +78,7 @@ class BodyReceiver(asyncio.BufferedProtocol):
             self._transport.pause_reading()
             self._wake()
         elif self._current is not None and self._filled == len(self._current):
-            self._seal()
-            self._current = self._take_buffer()
-            if self._current is None:
-                self._transport.pause_reading()  # every buffer is in use: TCP holds it back
+            self._rotate()
             self._wake()
 
     def eof_received(self) -> bool:
@@ -111,10 +108,7 @@ class BodyReceiver(asyncio.BufferedProtocol):
             if self._filled:
                 waited = now - self._partial_since
                 if waited >= PARTIAL_AFTER or self._error is not None:  # all it got goes on
-                    self._seal()
-                    self._current = self._take_buffer()
-                    if self._current is None:
-                        self._transport.pause_reading()
+                    self._rotate()
                     continue
                 delay: float | None = PARTIAL_AFTER - waited
             elif self._error is not None:
@@ -158,6 +152,14 @@ class BodyReceiver(asyncio.BufferedProtocol):
             self._made += 1
             return bytearray(PIECE)
         return None
+
+    def _rotate(self) -> None:
+        """Hand the current buffer on and read into the next; with none free, stop reading
+        the socket (TCP then holds the sender back) until a piece is recycled."""
+        self._seal()
+        self._current = self._take_buffer()
+        if self._current is None:
+            self._transport.pause_reading()
 
     def _seal(self) -> None:
         """Move what the current buffer holds to the ready pieces."""

@@ -233,13 +233,9 @@ class Fill:
             status, state = await self._status()
             if status == "failed":
                 raise _failure(state)
-            if status in ("done", "verified"):
+            if status in ("done", "verified"):  # all is written: had it reached hold, it went
                 if os.fstat(file.fileno()).st_size > available:
                     continue  # written between our look and the state change
-                if ready > 0:
-                    yield pos, ready
-                    pos = available
-                    continue
                 raise FillFailed(f"fetch of {self.digest} ended short")
             if ready > 0:  # what has landed goes out within FOLLOW_DELAY, also in a stall
                 await self._wait(max(FOLLOW_DELAY - (time.monotonic() - sent_at), 0.001))
