@@ -6,9 +6,11 @@ kernel's copy. For a blob fill that is a third of the worker's CPU besides hashi
 writing. ``BodyReceiver`` takes the connection over once aiohttp has parsed the headers (a
 ``Content-Length`` body only), as an ``asyncio.BufferedProtocol``: the event loop reads the
 socket (or the TLS layer decrypts) directly into one of a few 1 MiB buffers, and the consumer
-gets each buffer as a ``memoryview`` that is valid until it asks for the next piece, when the
-buffer is recycled. At most ``max_buffers`` are in use: then the socket is no longer read, so
-TCP flow control holds the upstream back and memory stays flat however slow the consumer is.
+gets each buffer as a ``memoryview`` that it owns until it gives the piece back with
+``recycle``; the buffer is then read into again. A consumer may hold several pieces at once
+(a writer thread working through them while the loop receives the next). At most
+``max_buffers`` are in use: then the socket is no longer read, so TCP flow control holds the
+upstream back and memory stays flat however slow the consumer is.
 
 The connection is closed afterwards (it is not handed back to aiohttp's pool).
 """
@@ -42,6 +44,7 @@ class BodyReceiver(asyncio.BufferedProtocol):
         self._remaining = expected
         self._max_buffers = max(2, max_buffers)
         self._made = 0
+        self._mine: list[bytearray] = []  # every buffer this receiver made
         self._free: list[bytearray] = []
         self._ready: deque[memoryview] = deque()
         self._current: bytearray | None = self._take_buffer()
@@ -60,8 +63,7 @@ class BodyReceiver(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._current is None:  # asked once more after pausing: one buffer beyond the bound
-            self._current, self._filled = bytearray(PIECE), 0
-            self._made += 1
+            self._current, self._filled = self._new_buffer(), 0
         # never read past the body: whatever follows it is not ours
         end = min(len(self._current), self._filled + self._remaining)
         return memoryview(self._current)[self._filled : end]
@@ -128,16 +130,25 @@ class BodyReceiver(asyncio.BufferedProtocol):
             finally:
                 self._changed = None
 
-    def recycle(self, piece: memoryview) -> None:
-        """Give back a piece's buffer once its bytes are used."""
+    def recycle(self, piece: bytes | memoryview) -> None:
+        """Give back a piece once its bytes are used (in any order; loop thread only). Its
+        buffer is read into again. Anything else (bytes, a buffer of another receiver) is
+        left to the garbage collector."""
+        if not isinstance(piece, memoryview):
+            return
         buffer = piece.obj
         try:
             piece.release()
         except BufferError:  # still exported (a write abandoned midway): never reuse it
             return
-        if not isinstance(buffer, bytearray) or len(buffer) != PIECE:
+        if not isinstance(buffer, bytearray) or not any(b is buffer for b in self._mine):
             return
-        if self._current is None and self._remaining and self._error is None:
+        if (
+            self._current is None
+            and self._remaining
+            and self._error is None
+            and not self._transport.is_closing()
+        ):
             self._current, self._filled = buffer, 0
             self._transport.resume_reading()
         else:
@@ -149,9 +160,14 @@ class BodyReceiver(asyncio.BufferedProtocol):
         if self._free:
             return self._free.pop()
         if self._made < self._max_buffers:
-            self._made += 1
-            return bytearray(PIECE)
+            return self._new_buffer()
         return None
+
+    def _new_buffer(self) -> bytearray:
+        buffer = bytearray(PIECE)
+        self._made += 1
+        self._mine.append(buffer)
+        return buffer
 
     def _rotate(self) -> None:
         """Hand the current buffer on and read into the next; with none free, stop reading
@@ -214,12 +230,6 @@ def take_over(
 
 
 async def pieces(receiver: BodyReceiver, timeout: float | None) -> AsyncIterator[memoryview]:
-    """The pieces of ``receiver``, each recycled when the next is asked for."""
-    while True:
-        piece = await receiver.next_piece(timeout)
-        if piece is None:
-            return
-        try:
-            yield piece
-        finally:
-            receiver.recycle(piece)
+    """The pieces of ``receiver``; the consumer gives each back with ``receiver.recycle``."""
+    while (piece := await receiver.next_piece(timeout)) is not None:
+        yield piece

@@ -322,6 +322,7 @@ class Mirror:
                     async for chunk in blob.chunks():
                         hasher.update(chunk)
                         f.write(chunk)
+                        blob.give_back(chunk)
             finally:
                 blob.close()
             if hasher.hexdigest() != digest.hex:

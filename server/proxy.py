@@ -86,6 +86,9 @@ class _CountingBlob:
                 elapsed,
             )
 
+    def give_back(self, piece: bytes | memoryview) -> None:
+        self._blob.give_back(piece)
+
     def close(self) -> None:
         self._blob.close()
 

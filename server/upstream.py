@@ -103,8 +103,8 @@ class UpstreamBlob:
     The caller must ``close`` it.
 
     A large body is received into reused buffers (``server.body``): a piece ``chunks`` yields
-    is valid only until the next one is asked for, so a consumer uses it (writes it, hashes
-    it) before it moves on, and never keeps it.
+    belongs to the consumer until it hands it back with ``give_back``, and must not be used
+    after that. With all buffers out, receiving waits (TCP holds the upstream back).
 
     A body that breaks off midway (connection reset or closed early, read timeout) is resumed
     where it stopped with ``Range: bytes=N-``, up to ``MAX_RESUMES`` times, as containers/image
@@ -121,6 +121,7 @@ class UpstreamBlob:
         self.size = response.content_length
         self.resumes = 0
         self._taken = False  # the response's connection was taken over (server.body)
+        self._receiver: body.BodyReceiver | None = None
 
     async def chunks(self) -> AsyncIterator[bytes | memoryview]:
         received = 0
@@ -130,9 +131,11 @@ class UpstreamBlob:
                 async for chunk in self._body():
                     if skip:
                         dropped = min(skip, len(chunk))
-                        chunk, skip = chunk[dropped:], skip - dropped
-                        if not chunk:
+                        skip -= dropped
+                        if dropped == len(chunk):
+                            self.give_back(chunk)
                             continue
+                        chunk = chunk[dropped:]
                     received += len(chunk)
                     yield chunk
                 return
@@ -162,6 +165,7 @@ class UpstreamBlob:
         """The current response's body as it arrives (so clients see the first byte at once)."""
         taken = body.take_over(self._response)
         self._taken = taken is not None
+        self._receiver = None if taken is None else taken[1]
         if taken is None:
             async for chunk in self._response.content.iter_any():
                 yield chunk
@@ -192,6 +196,11 @@ class UpstreamBlob:
             f"answered {response.status} (Content-Range {content_range or 'none'}) "
             f"to a request for bytes {offset}- of {self.size}"
         )
+
+    def give_back(self, piece: bytes | memoryview) -> None:
+        """Return a piece from ``chunks`` once its bytes are used (event loop thread)."""
+        if self._receiver is not None:
+            self._receiver.recycle(piece)
 
     def close(self) -> None:
         if self._taken:

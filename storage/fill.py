@@ -26,6 +26,8 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,6 +53,10 @@ HOLD_BACK: Final = 64 * 1024
 #: a few kilobytes per wakeup (measured: ~15% more client CPU in a 1 GiB stampede).
 FOLLOW_BURST: Final = 16 << 20
 FOLLOW_DELAY: Final = 0.2
+#: Bytes handed to a fill's writer thread and not yet written, beyond which the fill stops
+#: taking pieces from the source (which then holds the upstream back: TCP flow control). A
+#: source of reused buffers (``server.body``: 8 MiB) stops handing pieces out before that.
+MAX_PENDING: Final = 16 << 20
 
 
 class FillFailed(StoreError):
@@ -65,8 +71,13 @@ class BlobSource(Protocol):
     size: int | None
 
     def chunks(self) -> AsyncIterator[bytes | memoryview]:
-        """The body as it arrives. A piece may be a reused buffer: valid only until the next
-        piece is asked for."""
+        """The body as it arrives. A piece may be one of a few buffers the source reuses: it
+        is the consumer's until handed back with ``give_back``. With all of them out, the
+        source hands out nothing more."""
+        ...
+
+    def give_back(self, piece: bytes | memoryview) -> None:
+        """Return a piece from ``chunks`` once its bytes are used (event loop thread)."""
         ...
 
     def close(self) -> None: ...
@@ -378,6 +389,7 @@ class Fills:
         data_path = self.data_path(digest, token)
         data_fd: int | None = None
         source: BlobSource | None = None
+        writer: _Writer | None = None
         try:
             try:
                 source = await fetch()
@@ -395,16 +407,17 @@ class Fills:
             leader.started.set()
             hasher = hashlib.new(digest.algorithm)
             total = 0
-            # Each piece is written and hashed (in a thread) before the next is asked for: a
-            # source may hand over reused buffers (server.body), and it keeps receiving into
-            # its other buffers meanwhile. Nothing gathers here, so a disk slower than the
-            # upstream holds the upstream back (TCP flow control), and memory stays flat.
+            # The pieces are written and hashed by a thread of the fill's own, in order, while
+            # the event loop receives the next ones: a loop busy serving a stampede does not
+            # stall the fetch between pieces. Each piece goes back to the source once written.
+            writer = _Writer(data_fd, hasher, source.give_back, leader.notify)
             async for chunk in source.chunks():
                 total += len(chunk)
                 if source.size is not None and total > source.size:
+                    source.give_back(chunk)
                     raise FillFailed(f"upstream sent more than the {source.size} bytes announced")
-                await _write(data_fd, chunk, hasher)
-                leader.notify()
+                await writer.put(chunk)
+            await writer.finish()
             if source.size is not None and total != source.size:
                 raise FillFailed(
                     f"upstream body of {digest} truncated: {total} of {source.size} bytes"
@@ -423,6 +436,8 @@ class Fills:
             if on_commit is not None:
                 await on_commit()
         except (Exception, asyncio.CancelledError) as e:
+            if writer is not None:
+                await writer.finish(abandon=True)  # before the fd closes: it may still write
             if leader.state.get("state") != "failed":
                 log.error("fetch of %s failed: %s", digest, e)
                 leader.state = {**leader.state, "state": "failed", "error": str(e)}
@@ -456,15 +471,96 @@ def _failure(state: dict[str, Any]) -> FillFailed:
     return cls(state.get("error") or "fetch failed")
 
 
-async def _write(fd: int, data: bytes | memoryview, hasher: Any) -> None:
-    """``_append`` in a thread; if the caller is cancelled meanwhile, the write still ends
-    before the cancellation goes on (the fd is about to be closed, the buffer reused)."""
-    future = asyncio.get_running_loop().run_in_executor(None, _append, fd, data, hasher)
-    try:
-        await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait([future])
-        raise
+class _Writer:
+    """Writes and hashes a fill's pieces, in order, in a thread of its own, and hands each
+    back to the source (on the event loop) once written. Handing a piece over costs the loop
+    nothing but a queue put, where a thread-pool call per piece needs the loop to come round
+    before the next write can start: in a 1 GiB 20-client stampede that round trip was
+    ~5.7 ms per 1 MiB piece, more than half the fetch's time."""
+
+    def __init__(
+        self,
+        fd: int,
+        hasher: Any,
+        give_back: Callable[[bytes | memoryview], None],
+        written: Callable[[], None],
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd, self._hasher = fd, hasher
+        self._give_back, self._written = give_back, written
+        self._queue: queue.SimpleQueue[bytes | memoryview | None] = queue.SimpleQueue()
+        self._pending = 0  # bytes handed over and not yet written
+        self._error: BaseException | None = None
+        self._room = asyncio.Event()
+        self._done = self._loop.create_future()
+        self._stopped = False
+        self._abandoned = False  # read by the thread: write nothing more
+        threading.Thread(target=self._work, name="bastion-fill-writer", daemon=True).start()
+
+    async def put(self, piece: bytes | memoryview) -> None:
+        """Hand a piece over; waits while ``MAX_PENDING`` bytes are not yet written. Raises
+        the error of an earlier write."""
+        if self._error is not None:
+            self._give_back(piece)
+            raise self._error
+        self._pending += len(piece)
+        self._queue.put(piece)
+        while self._pending > MAX_PENDING and self._error is None:
+            self._room.clear()
+            await self._room.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def finish(self, *, abandon: bool = False) -> None:
+        """Wait until every piece handed over is written and the thread has ended; then raise
+        the error of a failed write. With ``abandon`` (the fill failed), the pieces not yet
+        written are only handed back, and nothing is raised; a cancellation meanwhile does
+        the same, and still waits for the thread: the fd is about to be closed."""
+        if abandon:
+            self._abandoned = True
+        if not self._stopped:
+            self._stopped = True
+            self._queue.put(None)
+        try:
+            await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self._abandoned = True  # the fill fails: only the write under way ends
+            await asyncio.wait([self._done])
+            raise
+        if not abandon and self._error is not None:
+            raise self._error
+
+    def _work(self) -> None:  # the writer thread
+        failed: BaseException | None = None
+        while (piece := self._queue.get()) is not None:
+            if failed is None and not self._abandoned:
+                try:
+                    _append(self._fd, piece, self._hasher)
+                except Exception as e:  # a full or failing disk: the fill fails
+                    failed = e
+            self._call(self._landed, piece, failed)
+        self._call(self._end)
+
+    def _call(self, func: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(func, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _landed(self, piece: bytes | memoryview, error: BaseException | None) -> None:
+        self._pending -= len(piece)
+        if error is not None and self._error is None:
+            self._error = error
+        self._give_back(piece)
+        if error is None:
+            self._written()
+        if self._pending <= MAX_PENDING or self._error is not None:
+            self._room.set()
+
+    def _end(self) -> None:
+        self._room.set()
+        if not self._done.done():
+            self._done.set_result(None)
 
 
 def _append(fd: int, data: bytes | memoryview, hasher: Any) -> None:

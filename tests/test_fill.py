@@ -5,6 +5,7 @@ and the bytes committed are the upstream's."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import itertools
 import os
@@ -17,7 +18,7 @@ import pytest
 
 from storage import Digest
 from storage import fill as fill_module
-from storage.fill import Fills
+from storage.fill import Fill, Fills
 
 PIECE = 256 * 1024
 PIECES = 160  # 40 MiB
@@ -25,27 +26,42 @@ PIECES = 160  # 40 MiB
 
 class FastSource:
     """An upstream that would hand over every piece at once (faster than any disk). With
-    ``reuse``, every piece is the same buffer, overwritten for the next one (as
-    ``server.body`` does): valid only until the next piece is asked for."""
+    ``reuse``, the pieces are lent from a pool of ``POOL`` buffers (as ``server.body`` does):
+    each is scribbled over the moment it is given back, so a write after that would commit
+    wrong bytes, and with all of them out the source waits for one."""
+
+    POOL = 3
 
     def __init__(self, data: bytes, reuse: bool = False) -> None:
         self.data = data
         self.size: int | None = len(data)
         self.reuse = reuse
         self.handed = 0  # pieces handed over so far
+        self.free = [bytearray(PIECE) for _ in range(self.POOL)]
+        self._returned = asyncio.Event()
 
     async def chunks(self) -> AsyncIterator[bytes | memoryview]:
-        buffer = bytearray(PIECE)
         for i in range(0, len(self.data), PIECE):
             self.handed += 1
             if self.reuse:
+                while not self.free:
+                    self._returned.clear()
+                    await asyncio.wait_for(self._returned.wait(), 5)
+                buffer = self.free.pop()
                 piece = self.data[i : i + PIECE]
                 buffer[: len(piece)] = piece
                 yield memoryview(buffer)[: len(piece)]
-                buffer[:] = b"\0" * PIECE  # what a reused buffer looks like later
             else:
                 yield self.data[i : i + PIECE]
             await asyncio.sleep(0)
+
+    def give_back(self, piece: bytes | memoryview) -> None:
+        if isinstance(piece, memoryview):
+            buffer = piece.obj
+            assert isinstance(buffer, bytearray)
+            buffer[:] = b"\0" * PIECE  # what a reused buffer looks like later
+            self.free.append(buffer)
+            self._returned.set()
 
     def close(self) -> None:
         pass
@@ -69,6 +85,7 @@ async def _fill(tmp_path: Path, source: FastSource) -> Fills:
 async def test_a_slow_disk_holds_the_upstream_back_instead_of_buffering(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(fill_module, "MAX_PENDING", 8 * PIECE)
     source = FastSource(os.urandom(PIECE * PIECES))
     ahead: list[int] = []  # pieces taken from the source but not yet written, at each write
     written = 0
@@ -84,15 +101,44 @@ async def test_a_slow_disk_holds_the_upstream_back_instead_of_buffering(
     monkeypatch.setattr(fill_module, "_append", slow_append)
     await _fill(tmp_path, source)
     assert written == PIECES
-    # the fill holds only the piece it writes: the rest stays with the source (in the real
+    # the writer works through pieces received meanwhile, but never more than MAX_PENDING
+    # (and the one being handed over): the rest stays with the source (in the real
     # upstream, in its socket: TCP flow control), whatever the blob size
-    assert max(ahead) == 1, ahead
+    assert 1 < max(ahead) <= 8 + 1, ahead
 
 
-async def test_pieces_in_a_reused_buffer_are_written_before_it_is_reused(
+async def test_pieces_in_reused_buffers_are_written_before_they_are_given_back(
     tmp_path: Path,
 ) -> None:
-    await _fill(tmp_path, FastSource(os.urandom(PIECE * 8 + 123), reuse=True))
+    source = FastSource(os.urandom(PIECE * 8 + 123), reuse=True)
+    await _fill(tmp_path, source)  # committed bytes equal the data: no write after give_back
+    assert len(source.free) == FastSource.POOL  # every piece came back
+
+
+async def test_a_failed_write_fails_the_fill_and_gives_every_piece_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = FastSource(os.urandom(PIECE * 8), reuse=True)
+    digest = Digest("sha256", hashlib.sha256(source.data).hexdigest())
+    real_append = fill_module._append
+    calls = 0
+
+    def full_disk(fd: int, data: bytes | memoryview, hasher: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(fd, data, hasher)
+
+    monkeypatch.setattr(fill_module, "_append", full_disk)
+    fills, fill = await _start(tmp_path, source, digest)
+    with pytest.raises(fill_module.FillFailed, match="No space left"):
+        await fill.wait()
+    await fills.close()
+    assert calls == 3  # nothing written after the failure
+    assert len(source.free) == FastSource.POOL
+    assert not Path(fills.blob_path(digest)).exists()
+    assert _data_files(tmp_path, digest) == []
 
 
 async def test_a_cancelled_fill_waits_for_its_write_to_end(
@@ -111,6 +157,16 @@ async def test_a_cancelled_fill_waits_for_its_write_to_end(
         ended.append(True)
 
     monkeypatch.setattr(fill_module, "_append", slow_append)
+    fills, _ = await _start(tmp_path, source, digest)
+    await started.wait()
+    await fills.close(timeout=0)  # cancels the fetch while the write runs
+    assert ended == [True]  # the write ended before the fd was closed
+    assert not Path(fills.blob_path(digest)).exists()
+    assert _data_files(tmp_path, digest) == []
+
+
+async def _start(tmp_path: Path, source: FastSource, digest: Digest) -> tuple[Fills, Fill]:
+    """A fill of ``digest`` from ``source``, just started (this process leads it)."""
     fills = Fills(str(tmp_path))
 
     async def fetch() -> FastSource:
@@ -118,13 +174,13 @@ async def test_a_cancelled_fill_waits_for_its_write_to_end(
 
     fill = await fills.open(digest, fetch)
     assert fill is not None
-    await started.wait()
-    await fills.close(timeout=0)  # cancels the fetch while the write runs
-    assert ended == [True]  # the write ended before the fd was closed
-    assert not Path(fills.blob_path(digest)).exists()
-    assert not [
+    return fills, fill
+
+
+def _data_files(root: Path, digest: Digest) -> list[Path]:
+    return [
         p
-        for p in (tmp_path / "proxy").rglob("*")
+        for p in (root / "proxy").rglob("*")
         if p.name.startswith(digest.hex + ".") and not p.name.endswith((".lock", ".state"))
     ]
 
@@ -143,6 +199,9 @@ class TrickleSource:
             if self.stall is not None and i == 0:
                 await self.stall.wait()
             await asyncio.sleep(0.001)
+
+    def give_back(self, piece: bytes | memoryview) -> None:
+        pass
 
     def close(self) -> None:
         pass
