@@ -578,7 +578,7 @@ def report(runs: list[SizeRun], rounds: int, chunk: int, workers: int, dist_labe
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--rounds", type=int, default=3, help="rounds per operation (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per operation (default 5)")
     p.add_argument(
         "--sizes",
         default="256MiB,1GiB",

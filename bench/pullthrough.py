@@ -672,7 +672,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     p.add_argument(
         "--layer-size", default="256MiB", help="payload of app:1's big layer (default 256MiB)"
     )
