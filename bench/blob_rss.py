@@ -2,7 +2,8 @@
 
 For each blob size (default 256 MiB and 1 GiB) both servers are started fresh, side by side on
 two loopback ports, and each operation is run R rounds against each, back to back (the order
-alternates per round), so every bastion measurement has a distribution partner:
+of the servers, and of the two pushes, alternates per round), so every bastion measurement has
+a distribution partner:
 
   push-mono     POST /blobs/uploads/, then one PUT ?digest= carrying the whole blob
   push-chunked  POST, then PATCH chunks of --chunk bytes (Content-Range), then PUT ?digest=
@@ -369,7 +370,9 @@ def run_size(
             pushed: dict[tuple[str, str], str] = {}  # (server, op) -> digest of last good push
             for r in range(rounds):
                 order = servers if r % 2 == 0 else servers[::-1]
-                for op in PUSH_OPS:
+                # the push methods take turns going first too: whichever runs second would
+                # otherwise always write into what the first left of the page cache
+                for op in PUSH_OPS if r % 2 == 0 else PUSH_OPS[::-1]:
                     suffix, digest = blob.variant(f"{seed}/{size}/{op}/{r}")
                     for s in order:
                         c = clients[s.name]
