@@ -533,12 +533,14 @@ class _Writer:
     def _work(self) -> None:  # the writer thread
         failed: BaseException | None = None
         while (piece := self._queue.get()) is not None:
+            wrote = False
             if failed is None and not self._abandoned:
                 try:
                     _append(self._fd, piece, self._hasher)
+                    wrote = True
                 except Exception as e:  # a full or failing disk: the fill fails
                     failed = e
-            self._call(self._landed, piece, failed)
+            self._call(self._landed, piece, wrote, failed)
         self._call(self._end)
 
     def _call(self, func: Callable[..., None], *args: Any) -> None:
@@ -547,12 +549,12 @@ class _Writer:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
-    def _landed(self, piece: bytes | memoryview, error: BaseException | None) -> None:
+    def _landed(self, piece: bytes | memoryview, wrote: bool, error: BaseException | None) -> None:
         self._pending -= len(piece)
         if error is not None and self._error is None:
             self._error = error
         self._give_back(piece)
-        if error is None:
+        if wrote:  # followers only wake for bytes that are in the file
             self._written()
         if self._pending <= MAX_PENDING or self._error is not None:
             self._room.set()
