@@ -120,7 +120,7 @@ class UpstreamBlob:
         self._client, self._repository, self._digest = client, repository, digest
         self.size = response.content_length
         self.resumes = 0
-        self._taken = False  # the response's connection was taken over (server.body)
+        # set while the response's connection is taken over (server.body)
         self._receiver: body.BodyReceiver | None = None
 
     async def chunks(self) -> AsyncIterator[bytes | memoryview]:
@@ -153,7 +153,7 @@ class UpstreamBlob:
                     e.__class__.__name__,
                 )
                 self._response.close()  # a body that broke off: never reuse its connection
-                self._taken = False
+                self._receiver = None  # its pieces still out are dropped, not reused
                 await asyncio.sleep(0.2 * self.resumes)
                 try:
                     skip = await self._resume(received)
@@ -164,7 +164,6 @@ class UpstreamBlob:
     async def _body(self) -> AsyncIterator[bytes | memoryview]:
         """The current response's body as it arrives (so clients see the first byte at once)."""
         taken = body.take_over(self._response)
-        self._taken = taken is not None
         self._receiver = None if taken is None else taken[1]
         if taken is None:
             async for chunk in self._response.content.iter_any():
@@ -203,7 +202,7 @@ class UpstreamBlob:
             self._receiver.recycle(piece)
 
     def close(self) -> None:
-        if self._taken:
+        if self._receiver is not None:
             self._response.close()  # the connection was ours: it goes, not back to the pool
         else:
             self._response.release()
