@@ -834,7 +834,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
     p.add_argument("--blob-size", default="1GiB", help="payload of the big layer (default 1GiB)")
     p.add_argument(
         "--clients", default="1,8,32", help="concurrent blob GETs, comma-separated (default 1,8,32)"
