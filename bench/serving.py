@@ -275,7 +275,7 @@ def blob_get(url: str, path: str, size: int, clients: int, repeat: int = 1) -> B
                 _read_blob(host, int(port), path, size, None)
                 took.append(time.perf_counter() - t1)
             with lock:
-                times.extend(took if repeat > 1 else took[:1])
+                times.extend(took)
         except (OSError, BenchError, threading.BrokenBarrierError, ValueError) as e:
             start.abort()
             with lock:
