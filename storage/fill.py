@@ -12,9 +12,9 @@ Files (filesystem driver; see ``storage.paths``)::
 
 The first request takes the lock and starts the fetch as a task of its own (so it survives that
 client going away); every request, the first included, streams the growing data file. A
-follower in the leader's process is woken on each write; one in another process polls. A
-wrong or truncated body is never committed: its followers' responses are cut short, which
-clients detect, and the next request fetches again.
+follower in the leader's process sleeps until the bytes it waits for are written; one in
+another process polls the file's size. A wrong or truncated body is never committed: its
+followers' responses are cut short, which clients detect, and the next request fetches again.
 """
 
 from __future__ import annotations
@@ -92,12 +92,51 @@ class _Leader:
 
     started: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
     state: dict[str, Any] = field(default_factory=dict)
+    #: bytes in the data file
+    written: int = 0
+    #: followers asleep until ``written`` reaches an offset (None: until the state changes)
+    waiters: list[tuple[int | None, asyncio.Future[None]]] = field(default_factory=list)
+
+    def landed(self, count: int) -> None:
+        """``count`` more bytes are in the data file: wake the followers that wait for them
+        (only those: one piece landing does not wake twenty clients' requests)."""
+        self.written += count
+        if self.waiters:
+            asleep = []
+            for until, waiter in self.waiters:
+                if until is not None and until <= self.written:
+                    _wake(waiter)
+                else:
+                    asleep.append((until, waiter))
+            self.waiters = asleep
 
     def notify(self) -> None:
-        old, self.changed = self.changed, asyncio.Event()
-        old.set()
+        """The state changed: wake every follower."""
+        waiters, self.waiters = self.waiters, []
+        for _, waiter in waiters:
+            _wake(waiter)
+
+    async def wait(self, until: int | None, timeout: float) -> None:
+        """Until ``written`` reaches ``until`` (None: only a state change counts), the state
+        changes, or ``timeout`` seconds pass."""
+        if until is not None and self.written >= until:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self.waiters.append((until, waiter))
+        timer = loop.call_later(timeout, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if not waiter.done():  # cancelled: leave no entry behind
+                self.waiters = [(u, w) for u, w in self.waiters if w is not waiter]
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _run(func: Callable[..., Any], *args: Any) -> Awaitable[Any]:
@@ -190,12 +229,12 @@ class Fill:
             return "done", {"size": size}
         return "failed", {"error": f"fetch of {self.digest} was interrupted"}
 
-    async def _wait(self, at_most: float = _LIVENESS_EVERY) -> None:
+    async def _wait(self, until: int | None = None, at_most: float = _LIVENESS_EVERY) -> None:
+        """Until the data file holds ``until`` bytes or the fetch's state changes (None: only
+        the latter), for at most ``at_most`` seconds. A follower in another process cannot be
+        woken: it looks again after ``_POLL`` seconds."""
         if self._leader is not None:
-            try:
-                await asyncio.wait_for(self._leader.changed.wait(), min(at_most, _LIVENESS_EVERY))
-            except TimeoutError:
-                pass
+            await self._leader.wait(until, min(at_most, _LIVENESS_EVERY))
         else:
             await asyncio.sleep(min(at_most, _POLL))
 
@@ -230,28 +269,42 @@ class Fill:
         pos = start
         hold = max(end - HOLD_BACK, start)
         sent_at = time.monotonic()
+        seen, seen_at = -1, sent_at  # the file's size at the last look, and when
         while pos < hold:
-            available = min(os.fstat(file.fileno()).st_size, hold)
+            size = os.fstat(file.fileno()).st_size
+            available = min(size, hold)
             ready = available - pos
+            now = time.monotonic()
             if (
                 ready >= FOLLOW_BURST
                 or available == hold
-                or (ready > 0 and time.monotonic() - sent_at >= FOLLOW_DELAY)
+                or (ready > 0 and now - sent_at >= FOLLOW_DELAY)
             ):
                 yield pos, ready
                 pos, sent_at = available, time.monotonic()
                 continue
-            status, state = await self._status()
-            if status == "failed":
-                raise _failure(state)
-            if status in ("done", "verified"):  # all is written: had it reached hold, it went
-                if os.fstat(file.fileno()).st_size > available:
-                    continue  # written between our look and the state change
-                raise FillFailed(f"fetch of {self.digest} ended short")
-            if ready > 0:  # what has landed goes out within FOLLOW_DELAY, also in a stall
-                await self._wait(max(FOLLOW_DELAY - (time.monotonic() - sent_at), 0.001))
+            # whether the fetch ended matters only once the file stopped growing (another
+            # process's state is a file to read; a growing data file says it goes on)
+            if size == seen or self._leader is not None:
+                status, state = await self._status()
+                if status == "failed":
+                    raise _failure(state)
+                if status in ("done", "verified"):  # all is written: had it reached hold, it went
+                    if os.fstat(file.fileno()).st_size > size:
+                        continue  # written between our look and the state change
+                    raise FillFailed(f"fetch of {self.digest} ended short")
+            if now - sent_at < FOLLOW_DELAY:  # a burst, or what landed by the delay's end
+                until, at_most = min(pos + FOLLOW_BURST, hold), sent_at + FOLLOW_DELAY - now
+            else:  # the delay is over: whatever lands next goes out
+                until, at_most = pos + 1, _LIVENESS_EVERY
+            if self._leader is None and 0 <= seen < size:
+                # another process's fetch, growing: look again when, at the rate it grew
+                # since the last look, the bytes will be there (not every _POLL seconds)
+                eta = (until - size) * (now - seen_at) / (size - seen)
+                await asyncio.sleep(max(min(eta, at_most), _POLL))
             else:
-                await self._wait()
+                await self._wait(until, at_most)
+            seen, seen_at = size, now
         await self.wait(committed=False)  # verified: now the last piece may go
         if os.fstat(file.fileno()).st_size < end:
             raise FillFailed(f"fetch of {self.digest} ended short")
@@ -287,7 +340,7 @@ class Fill:
                     if end is not None and pos < end:
                         raise FillFailed(f"fetch of {self.digest} ended short")
                     break
-                await self._wait()
+                await self._wait(pos + 1)
             await self.wait(committed=False)  # verified: now the last piece may go
             if held:
                 yield held
@@ -410,7 +463,7 @@ class Fills:
             # The pieces are written and hashed by a thread of the fill's own, in order, while
             # the event loop receives the next ones: a loop busy serving a stampede does not
             # stall the fetch between pieces. Each piece goes back to the source once written.
-            writer = _Writer(data_fd, hasher, source.give_back, leader.notify)
+            writer = _Writer(data_fd, hasher, source.give_back, leader.landed)
             async for chunk in source.chunks():
                 total += len(chunk)
                 if source.size is not None and total > source.size:
@@ -483,7 +536,7 @@ class _Writer:
         fd: int,
         hasher: Any,
         give_back: Callable[[bytes | memoryview], None],
-        written: Callable[[], None],
+        written: Callable[[int], None],
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._fd, self._hasher = fd, hasher
@@ -555,7 +608,7 @@ class _Writer:
             self._error = error
         self._give_back(piece)
         if wrote:  # followers only wake for bytes that are in the file
-            self._written()
+            self._written(len(piece))
         if self._pending <= MAX_PENDING or self._error is not None:
             self._room.set()
 

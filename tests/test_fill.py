@@ -261,3 +261,67 @@ async def test_a_stalled_fetch_still_reaches_a_follower_within_the_delay(
     assert (offset, count) == (0, 10_000)
     assert when < 0.75, regions  # not held for a burst until the stall ended
     assert sum(c for _, c, _ in regions) == len(data)
+
+
+async def test_a_follower_in_the_leaders_process_wakes_per_burst_not_per_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # twenty requests following a fetch each woken for every piece that lands was measurable
+    # CPU in a stampede: a follower sleeps until its burst (or the delay) is there
+    burst = 256 * 1024
+    monkeypatch.setattr(fill_module, "FOLLOW_BURST", burst)
+    monkeypatch.setattr(fill_module, "FOLLOW_DELAY", 30.0)
+    waits = 0
+    wait = Fill._wait
+
+    async def counted(self: Fill, *args: Any, **kwargs: Any) -> None:
+        nonlocal waits
+        waits += 1
+        await wait(self, *args, **kwargs)
+
+    monkeypatch.setattr(Fill, "_wait", counted)
+    data = os.urandom(2 << 20)  # 128 pieces of 16 KiB, 8 bursts
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    fills = Fills(str(tmp_path))
+    regions = await _follow(fills, digest, TrickleSource(data, 16 * 1024))
+    await fills.close()
+    assert sum(c for _, c, _ in regions) == len(data)
+    assert waits <= 24, waits  # woken for each piece, it was ~128
+
+
+async def test_a_follower_in_another_process_reads_the_state_only_when_the_file_stalls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = 0
+    read_state = fill_module._read_state
+
+    def counted(path: str) -> dict[str, Any] | None:
+        nonlocal reads
+        reads += 1
+        return read_state(path)
+
+    monkeypatch.setattr(fill_module, "_read_state", counted)
+    data = os.urandom(8 << 20)  # 512 pieces of 16 KiB with a pause after each: > 0.5 s
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    leading, other = Fills(str(tmp_path)), Fills(str(tmp_path))  # two locks: two processes
+    source = TrickleSource(data, 16 * 1024)
+    leader = asyncio.ensure_future(_follow(leading, digest, source))
+    while not any(p.name.endswith(".state") for p in tmp_path.rglob("*")):
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.05)  # the fetch has started
+    reads = 0
+    got = bytearray()
+    t0 = time.monotonic()
+    fill = await other.open(digest, lambda: pytest.fail("the fetch started twice"))
+    assert fill is not None and fill._leader is None
+    with fill.open_file() as f:
+        async for offset, count in fill.regions(f, 0, len(data)):
+            assert offset == len(got)
+            got += os.pread(f.fileno(), count, offset)
+    took = time.monotonic() - t0
+    await leader
+    await leading.close()
+    assert got == data
+    # polled every 20 ms for its state it was one read per poll (~took / 0.02); now only the
+    # start, a stall and the wait for the verified tail read it
+    assert took > 0.3 and reads <= 10, (took, reads)
