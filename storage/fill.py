@@ -603,12 +603,13 @@ class _Writer:
             pass
 
     def _landed(self, piece: bytes | memoryview, wrote: bool, error: BaseException | None) -> None:
-        self._pending -= len(piece)
+        count = len(piece)  # before it goes back: a recycled memoryview is released
+        self._pending -= count
         if error is not None and self._error is None:
             self._error = error
         self._give_back(piece)
         if wrote:  # followers only wake for bytes that are in the file
-            self._written(len(piece))
+            self._written(count)
         if self._pending <= MAX_PENDING or self._error is not None:
             self._room.set()
 

@@ -325,3 +325,37 @@ async def test_a_follower_in_another_process_reads_the_state_only_when_the_file_
     # polled every 20 ms for its state it was one read per poll (~took / 0.02); now only the
     # start, a stall and the wait for the verified tail read it
     assert took > 0.3 and reads <= 10, (took, reads)
+
+
+class ReleasingSource(TrickleSource):
+    """Lends memoryviews and releases each when it is given back, as ``server.body`` does
+    with its reused buffers: a released view has no length any more."""
+
+    async def chunks(self) -> AsyncIterator[bytes | memoryview]:
+        async for piece in super().chunks():
+            yield memoryview(bytearray(piece))
+
+    def give_back(self, piece: bytes | memoryview) -> None:
+        assert isinstance(piece, memoryview)
+        piece.release()
+
+
+async def test_followers_wake_for_pieces_of_a_source_that_releases_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    burst = 256 * 1024
+    monkeypatch.setattr(fill_module, "FOLLOW_BURST", burst)
+    monkeypatch.setattr(fill_module, "FOLLOW_DELAY", 30.0)
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+    data = os.urandom(2 << 20)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    fills = Fills(str(tmp_path))
+    t0 = time.monotonic()
+    regions = await _follow(fills, digest, ReleasingSource(data, 64 * 1024))
+    took = time.monotonic() - t0
+    await fills.close()
+    assert not errors, errors
+    assert sum(c for _, c, _ in regions) == len(data)
+    # woken by the bytes landing, not by the 1 s liveness look (8 bursts: 8 s)
+    assert took < 0.9, (took, regions)
