@@ -276,8 +276,31 @@ def bastion_command() -> list[str]:
     return _bastion_command()
 
 
+#: What the server's log must never hold: an exception nothing caught (asyncio's report of
+#: a failed callback or task, aiohttp's of a handler that raised instead of answering).
+_UNCAUGHT = (
+    "Exception in callback",
+    "Task exception was never retrieved",
+    "Error handling request",
+)
+
+
+def _check_log(server: RegistryServer) -> None:
+    text = server.log.read_text(errors="replace") if server.log.exists() else ""
+    found = [
+        line
+        for line in text.splitlines()
+        if any(u in line for u in _UNCAUGHT)
+        # aiohttp reports at DEBUG what a client probing for HTTPS sends (see log_tail)
+        and not ((m := _LOG_RECORD.match(line)) is not None and m.group(1) == "DEBUG")
+    ]
+    if found:
+        pytest.fail(f"bastion serve logged {len(found)} uncaught exception(s), first: {found[0]}")
+
+
 def stop_registry(server: RegistryServer) -> None:
     _stop(server.proc)
+    _check_log(server)
 
 
 @pytest.fixture(scope="session")
@@ -314,6 +337,7 @@ def registry_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Regist
         yield server
     finally:
         _stop(proc)
+    _check_log(server)
 
 
 @pytest.fixture(scope="session")
