@@ -553,6 +553,17 @@ def report(runs: list[SizeRun], rounds: int, chunk: int, workers: int, dist_labe
                     f"{a / 1024:.0f} -> {z / 1024:.0f} MiB ({round((z - a) / 1024):+d} MiB for "
                     f"{(big.size - small.size) // MiB:+d} MiB of blob)"
                 )
+    for run in runs:  # issue 7: chunked no slower than monolithic by more than 10%
+        cells = []
+        for server in ("bastion", "distribution"):
+            mono, chunked = run.stats(server, "push-mono"), run.stats(server, "push-chunked")
+            paired = len(chunked.times) == len(mono.times)  # else a failed round shifts them
+            ratio = paired_ratio(chunked.times, mono.times) if paired else None
+            cells.append(f"{server} {fmt_ratio(ratio)}")
+        notes.append(
+            f"chunked / monolithic push time, {fmt_size(run.size)}: median over rounds of "
+            f"chunked_i / monolithic_i (the same round): {', '.join(cells)}"
+        )
     for run in runs:
         for server in ("bastion", "distribution"):
             ok = run.verified.get(server, [])
