@@ -225,12 +225,18 @@ async def _follow(
     return regions
 
 
-async def test_a_follower_that_caught_up_sends_in_bursts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _bursts_only(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Followers send 256 KiB bursts and no delay runs out during a test; the burst size."""
     burst = 256 * 1024
     monkeypatch.setattr(fill_module, "FOLLOW_BURST", burst)
     monkeypatch.setattr(fill_module, "FOLLOW_DELAY", 30.0)
+    return burst
+
+
+async def test_a_follower_that_caught_up_sends_in_bursts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    burst = _bursts_only(monkeypatch)
     data = os.urandom(2 << 20)
     digest = Digest("sha256", hashlib.sha256(data).hexdigest())
     fills = Fills(str(tmp_path))
@@ -268,9 +274,7 @@ async def test_a_follower_in_the_leaders_process_wakes_per_burst_not_per_piece(
 ) -> None:
     # twenty requests following a fetch each woken for every piece that lands was measurable
     # CPU in a stampede: a follower sleeps until its burst (or the delay) is there
-    burst = 256 * 1024
-    monkeypatch.setattr(fill_module, "FOLLOW_BURST", burst)
-    monkeypatch.setattr(fill_module, "FOLLOW_DELAY", 30.0)
+    _bursts_only(monkeypatch)
     waits = 0
     wait = Fill._wait
 
@@ -343,9 +347,7 @@ class ReleasingSource(TrickleSource):
 async def test_followers_wake_for_pieces_of_a_source_that_releases_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    burst = 256 * 1024
-    monkeypatch.setattr(fill_module, "FOLLOW_BURST", burst)
-    monkeypatch.setattr(fill_module, "FOLLOW_DELAY", 30.0)
+    _bursts_only(monkeypatch)
     errors: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
     data = os.urandom(2 << 20)
