@@ -368,16 +368,17 @@ async def _export(config: Config, options: ExportOptions, progress: Progress) ->
 
 async def _write_volumes(run: _Run, directory: str, size: int, progress: Progress) -> str:
     """The layout in ``directory/layout`` (unless complete already), then packed into
-    volumes of at most ``size`` bytes beside it and removed."""
+    volumes of at most ``size`` bytes beside it (each blob leaving the layout as soon as it
+    is packed) and removed."""
     layout = os.path.join(directory, "layout")
     if os.path.exists(os.path.join(layout, EXPORT_JSON)):
         line = f"export {run.export_id} (layout complete)"
     else:
         line = await _write_layout(run, layout, progress)
-    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(layout) for f in fs)
-    progress.bytes_done = 0
-    progress.start_bytes(total)
     loop = asyncio.get_running_loop()
+    planned = await loop.run_in_executor(None, volumes.prepare, layout, directory, size)
+    progress.bytes_done = 0
+    progress.start_bytes(sum(piece.length for pieces in planned for piece in pieces))
     names = await loop.run_in_executor(
         None, volumes.pack, layout, directory, size, progress.advance_bytes
     )

@@ -12,15 +12,19 @@ media limits), each with its checksum, and back. Knows nothing of HTTP.
 
 A file that does not fit in what is left of a volume is cut into parts named
 ``<path>.part-<n>-of-<total>`` that continue in the next volumes; ``cat`` of the parts in order
-gives the file. Files are placed by a plan computed from the layout alone, so a rerun writes the
-same volumes and skips those already complete (present under their final name). Everything
-here is blocking file I/O: call it from a thread.
+gives the file. Files are placed by a plan computed from the layout alone and kept beside the
+volumes (``PLAN_FILE``) until they are all written, so a rerun writes the same volumes and skips
+those already complete (present under their final name). A blob of the layout is removed as
+soon as the volume holding its last byte is complete: packing needs the layout's size plus
+about a volume (or the largest blob cut across volumes), not twice the layout. Everything here
+is blocking file I/O: call it from a thread.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
@@ -33,7 +37,17 @@ from .digest import Digest
 from .driver.filesystem import TMP_PREFIX
 from .errors import InvalidDigest, StoreError
 
-__all__ = ["VOLUME_PATTERN", "MIN_VOLUME", "Piece", "plan", "pack", "volumes_in", "unpack"]
+__all__ = [
+    "VOLUME_PATTERN",
+    "MIN_VOLUME",
+    "PLAN_FILE",
+    "Piece",
+    "plan",
+    "prepare",
+    "pack",
+    "volumes_in",
+    "unpack",
+]
 
 VOLUME_PATTERN: Final = re.compile(r"bastion-export-(\d{4,})\.tar")
 #: Smallest volume accepted: room for tar's blocking and a useful piece of data.
@@ -43,6 +57,8 @@ _BLOCK: Final = tarfile.BLOCKSIZE
 _TRAILER: Final = 2 * _BLOCK + tarfile.RECORDSIZE
 _COPY: Final = 1 << 20
 _PART: Final = re.compile(r"(.+)\.part-(\d+)-of-(\d+)")
+#: The plan of a packing under way, beside the volumes (removed once they are all written).
+PLAN_FILE: Final = ".bastion-volumes-plan.json"
 
 Advance = Callable[[int], None]
 
@@ -136,23 +152,62 @@ def volume_name(n: int) -> str:
     return f"bastion-export-{n:04d}.tar"
 
 
+def prepare(layout: str, out_dir: str, volume_size: int) -> list[list[Piece]]:
+    """The plan of packing ``layout`` into ``out_dir``: the one an interrupted packing left
+    there (whose blobs may be gone from the layout already), else a new one, saved there."""
+    path = os.path.join(out_dir, PLAN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        volumes = plan(layout, volume_size)
+        doc = {
+            "volume_size": volume_size,
+            "volumes": [[[p.path, p.offset, p.length, p.name] for p in v] for v in volumes],
+        }
+        _atomic_text(path, json.dumps(doc))
+        return volumes
+    except (OSError, ValueError) as e:
+        raise VolumeError(f"{path}: unreadable plan of an interrupted packing: {e}") from None
+    if saved.get("volume_size") != volume_size:
+        raise VolumeError(
+            f"{out_dir} holds a packing into volumes of {saved.get('volume_size')} bytes, "
+            f"not {volume_size}"
+        )
+    return [[Piece(*piece) for piece in volume] for volume in saved["volumes"]]
+
+
 def pack(layout: str, out_dir: str, volume_size: int, advance: Advance) -> list[str]:
     """Write ``layout`` into ``out_dir`` as volumes (skipping those already complete) and their
-    checksums; returns the volume names."""
+    checksums, removing each blob of the layout once its last byte is in a complete volume;
+    returns the volume names."""
+    volumes = prepare(layout, out_dir, volume_size)
+    last = {p.path: n for n, pieces in enumerate(volumes) for p in pieces}
     names = []
     sums = []
-    for n, pieces in enumerate(plan(layout, volume_size), 1):
-        name = volume_name(n)
+    for n, pieces in enumerate(volumes):
+        name = volume_name(n + 1)
         final = os.path.join(out_dir, name)
         if not (os.path.exists(final) and os.path.exists(final + ".sha256")):
             _write_volume(layout, final, pieces, advance)
         else:
             advance(sum(p.length for p in pieces))
+        for path in dict.fromkeys(p.path for p in pieces):
+            if last[path] == n and path.startswith("blobs/"):  # metadata stays to the end
+                _remove(os.path.join(layout, path))
         with open(final + ".sha256", encoding="utf-8") as f:
             sums.append(f.read())
         names.append(name)
     _atomic_text(os.path.join(out_dir, "SHA256SUMS"), "".join(sums))
+    os.unlink(os.path.join(out_dir, PLAN_FILE))
     return names
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # removed by the run this one continues
+        pass
 
 
 def _write_volume(layout: str, final: str, pieces: list[Piece], advance: Advance) -> None:

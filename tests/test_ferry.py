@@ -322,6 +322,35 @@ def test_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "--chunk-size must be at least" in capsys.readouterr().err
 
 
+def test_a_split_export_needs_about_one_volume_beyond_the_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a layout packed whole and removed at the end needs twice its size on the portable disk
+    from storage import volumes
+
+    release = build_release("4.99.6", components=8, payload_size=300 * 1024)
+    seed(tmp_path / "a", release)
+    out = tmp_path / "volumes"
+    on_disk: list[int] = []
+    write = volumes._write_volume
+
+    def measured(layout: str, final: str, pieces: list[volumes.Piece], advance: Any) -> None:
+        write(layout, final, pieces, advance)
+        on_disk.append(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()))
+
+    monkeypatch.setattr(volumes, "_write_volume", measured)
+    args = ["export", "--root", str(tmp_path / "a"), "--to", str(out), "--split-size", "1MiB"]
+    assert bastion(*args) == 0, capsys.readouterr().err
+    packed = sum(v.stat().st_size for v in out.glob("bastion-export-*.tar"))
+    assert len(on_disk) >= 4, on_disk
+    # the layout's blobs leave as they are packed: beyond the volumes' size, at most the
+    # volume just written (its blobs not yet removed) and a blob cut across volumes (it
+    # stays until its last part is in); packed whole, the layout stayed beside every volume
+    biggest = max(len(b) for b in release.blobs.values())
+    assert max(on_disk) <= packed + (1 << 20) + biggest + (64 << 10), (on_disk, packed)
+    assert bastion("import", str(out), "--root", str(tmp_path / "b")) == 0
+
+
 def test_split_volumes_round_trip_and_a_damaged_volume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -111,6 +111,11 @@ def test_a_resumed_export_drops_what_it_no_longer_carries(
     assert not list(out.rglob(".tmp-*"))
 
 
+def json_plan(out: Path) -> list[list[volumes.Piece]]:
+    doc = json.loads((out / volumes.PLAN_FILE).read_text())
+    return [[volumes.Piece(*piece) for piece in v] for v in doc["volumes"]]
+
+
 def test_split_export_resumes_only_with_the_same_volume_size(
     src: Path,
     tmp_path: Path,
@@ -119,18 +124,23 @@ def test_split_export_resumes_only_with_the_same_volume_size(
 ) -> None:
     out = tmp_path / "vols"
     args = ["--root", str(src), "--to", str(out)]
-    with monkeypatch.context() as m:  # cut short while packing: after the first volume
-        pack = volumes.pack
+    with monkeypatch.context() as m:  # cut short while packing: writing the second volume
+        write = volumes._write_volume
 
-        def cut(layout: str, out_dir: str, size: int, advance: Any) -> list[str]:
-            names = pack(layout, out_dir, size, advance)
-            os.unlink(os.path.join(out_dir, names[-1]))
-            with open(os.path.join(out_dir, ".tmp-0123"), "wb") as f:
+        def cut(layout: str, final: str, pieces: list[volumes.Piece], advance: Any) -> None:
+            if not final.endswith("-0002.tar"):
+                return write(layout, final, pieces, advance)
+            with open(os.path.join(out, ".tmp-0123"), "wb") as f:
                 f.write(b"half a volume")
             raise KeyboardInterrupt
 
-        m.setattr(volumes, "pack", cut)
+        m.setattr(volumes, "_write_volume", cut)
         assert bastion("export", *args, "--split-size", "1MiB") == 130
+    # the blobs packed whole into the first volume have left the layout; the plan stays
+    first = {p.path for p in json_plan(out)[0]}
+    last = {p.path: n for n, v in enumerate(json_plan(out)) for p in v}
+    gone = {path for path in first if path.startswith("blobs/") and last[path] == 0}
+    assert gone and not any((out / "layout" / path).exists() for path in gone)
     capsys.readouterr()
     assert bastion("export", *args, "--split-size", "2MiB") == 2
     line = capsys.readouterr().err
@@ -139,6 +149,7 @@ def test_split_export_resumes_only_with_the_same_volume_size(
     assert "layout complete" in capsys.readouterr().out
     assert not list(out.rglob(".tmp-*")) and not (out / "layout").exists()
     assert not (out / "bastion-export.partial.json").exists()
+    assert not (out / volumes.PLAN_FILE).exists()
     assert bastion("import", str(out), "--root", str(tmp_path / "dst")) == 0
 
 
