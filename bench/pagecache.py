@@ -84,7 +84,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(render_table([["case", "cpu s/GiB", "min", "max"]], rows, separators=(1,)))
     print(f"{args.rounds} round(s); cpu = user + system seconds of this process per GiB.")
+    reporting = _page_reporting()
+    if reporting:
+        print(f"free page reporting (/sys/module/page_reporting/parameters): {reporting}")
     return 0
+
+
+def _page_reporting() -> str:
+    """The guest's free page reporting settings, if it has any: with them the host takes
+    freed memory back (page_reporting_order: from blocks of 2^order pages; on some kernels
+    min_free_ms: once free that long, 0 = at once), which is what makes new pages dear."""
+    directory = "/sys/module/page_reporting/parameters"
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return ""
+    values = []
+    for name in names:
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                values.append(f"{name}={f.read().strip()}")
+        except OSError:
+            continue
+    return ", ".join(values)
 
 
 if __name__ == "__main__":
