@@ -373,7 +373,8 @@ async def _write_volumes(run: _Run, directory: str, size: int, progress: Progres
     layout = os.path.join(directory, "layout")
     if os.path.exists(os.path.join(layout, EXPORT_JSON)):
         line = f"export {run.export_id} (layout complete)"
-    else:
+    else:  # volumes (and their plan) beside it were packed from a layout no longer there
+        await asyncio.get_running_loop().run_in_executor(None, volumes.discard, directory)
         line = await _write_layout(run, layout, progress)
     loop = asyncio.get_running_loop()
     planned = await loop.run_in_executor(None, volumes.prepare, layout, directory, size)

@@ -45,6 +45,7 @@ __all__ = [
     "plan",
     "prepare",
     "pack",
+    "discard",
     "volumes_in",
     "unpack",
 ]
@@ -201,6 +202,16 @@ def pack(layout: str, out_dir: str, volume_size: int, advance: Advance) -> list[
     _atomic_text(os.path.join(out_dir, "SHA256SUMS"), "".join(sums))
     os.unlink(os.path.join(out_dir, PLAN_FILE))
     return names
+
+
+def discard(out_dir: str) -> None:
+    """Remove the volumes, checksums and plan of an earlier packing into ``out_dir``."""
+    for name in os.listdir(out_dir):
+        if VOLUME_PATTERN.fullmatch(name.removesuffix(".sha256")) or name in (
+            "SHA256SUMS",
+            PLAN_FILE,
+        ):
+            _remove(os.path.join(out_dir, name))
 
 
 def _remove(path: str) -> None:

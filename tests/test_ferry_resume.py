@@ -111,6 +111,40 @@ def test_a_resumed_export_drops_what_it_no_longer_carries(
     assert not list(out.rglob(".tmp-*"))
 
 
+def packing_interrupted(monkeypatch: pytest.MonkeyPatch, out: Path, *args: str) -> None:
+    """``bastion export ARGS --split-size 1MiB`` cut short while writing its second volume."""
+    write = volumes._write_volume
+
+    def cut(layout: str, final: str, pieces: list[volumes.Piece], advance: Any) -> None:
+        if not final.endswith("-0002.tar"):
+            return write(layout, final, pieces, advance)
+        with open(os.path.join(out, ".tmp-0123"), "wb") as f:
+            f.write(b"half a volume")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(volumes, "_write_volume", cut)
+        assert bastion("export", *args, "--split-size", "1MiB") == 130
+
+
+def test_a_split_export_whose_staged_layout_is_gone_plans_its_volumes_anew(
+    src: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "vols"
+    args = ["--root", str(src), "--to", str(out)]
+    packing_interrupted(monkeypatch, out, *args)
+    shutil.rmtree(out / "layout")  # removed by hand; the store changed meanwhile
+    shutil.rmtree(src / "repositories" / HUGE)
+    assert bastion("export", *args, "--split-size", "1MiB") == 0, capsys.readouterr().err
+    meta = json.loads((out / "bastion-export.json").read_text())
+    assert set(meta["repositories"]) == {APP}
+    assert not (out / volumes.PLAN_FILE).exists()
+    assert bastion("import", str(out), "--root", str(tmp_path / "dst")) == 0
+
+
 def json_plan(out: Path) -> list[list[volumes.Piece]]:
     doc = json.loads((out / volumes.PLAN_FILE).read_text())
     return [[volumes.Piece(*piece) for piece in v] for v in doc["volumes"]]
@@ -124,18 +158,7 @@ def test_split_export_resumes_only_with_the_same_volume_size(
 ) -> None:
     out = tmp_path / "vols"
     args = ["--root", str(src), "--to", str(out)]
-    with monkeypatch.context() as m:  # cut short while packing: writing the second volume
-        write = volumes._write_volume
-
-        def cut(layout: str, final: str, pieces: list[volumes.Piece], advance: Any) -> None:
-            if not final.endswith("-0002.tar"):
-                return write(layout, final, pieces, advance)
-            with open(os.path.join(out, ".tmp-0123"), "wb") as f:
-                f.write(b"half a volume")
-            raise KeyboardInterrupt
-
-        m.setattr(volumes, "_write_volume", cut)
-        assert bastion("export", *args, "--split-size", "1MiB") == 130
+    packing_interrupted(monkeypatch, out, *args)
     # the blobs packed whole into the first volume have left the layout; the plan stays
     first = {p.path for p in json_plan(out)[0]}
     last = {p.path: n for n, v in enumerate(json_plan(out)) for p in v}
