@@ -371,12 +371,12 @@ async def _write_volumes(run: _Run, directory: str, size: int, progress: Progres
     volumes of at most ``size`` bytes beside it (each blob leaving the layout as soon as it
     is packed) and removed."""
     layout = os.path.join(directory, "layout")
+    loop = asyncio.get_running_loop()
     if os.path.exists(os.path.join(layout, EXPORT_JSON)):
         line = f"export {run.export_id} (layout complete)"
     else:  # volumes (and their plan) beside it were packed from a layout no longer there
-        await asyncio.get_running_loop().run_in_executor(None, volumes.discard, directory)
+        await loop.run_in_executor(None, volumes.discard, directory)
         line = await _write_layout(run, layout, progress)
-    loop = asyncio.get_running_loop()
     planned = await loop.run_in_executor(None, volumes.prepare, layout, directory, size)
     progress.bytes_done = 0
     progress.start_bytes(sum(piece.length for pieces in planned for piece in pieces))

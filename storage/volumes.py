@@ -170,12 +170,16 @@ def prepare(layout: str, out_dir: str, volume_size: int) -> list[list[Piece]]:
         return volumes
     except (OSError, ValueError) as e:
         raise VolumeError(f"{path}: unreadable plan of an interrupted packing: {e}") from None
-    if saved.get("volume_size") != volume_size:
+    try:
+        size, planned = saved["volume_size"], saved["volumes"]
+        volumes = [[Piece(*piece) for piece in volume] for volume in planned]
+    except (KeyError, TypeError) as e:
+        raise VolumeError(f"{path}: unreadable plan of an interrupted packing: {e!r}") from None
+    if size != volume_size:
         raise VolumeError(
-            f"{out_dir} holds a packing into volumes of {saved.get('volume_size')} bytes, "
-            f"not {volume_size}"
+            f"{out_dir} holds a packing into volumes of {size} bytes, not {volume_size}"
         )
-    return [[Piece(*piece) for piece in volume] for volume in saved["volumes"]]
+    return volumes
 
 
 def pack(layout: str, out_dir: str, volume_size: int, advance: Advance) -> list[str]:
