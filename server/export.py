@@ -381,7 +381,7 @@ async def _write_volumes(run: _Run, directory: str, size: int, progress: Progres
     progress.bytes_done = 0
     progress.start_bytes(sum(piece.length for pieces in planned for piece in pieces))
     names = await loop.run_in_executor(
-        None, volumes.pack, layout, directory, size, progress.advance_bytes
+        None, volumes.pack, layout, directory, planned, progress.advance_bytes
     )
     with open(os.path.join(layout, EXPORT_JSON), "rb") as f:
         description = f.read(META_LIMIT)

@@ -182,11 +182,10 @@ def prepare(layout: str, out_dir: str, volume_size: int) -> list[list[Piece]]:
     return volumes
 
 
-def pack(layout: str, out_dir: str, volume_size: int, advance: Advance) -> list[str]:
-    """Write ``layout`` into ``out_dir`` as volumes (skipping those already complete) and their
-    checksums, removing each blob of the layout once its last byte is in a complete volume;
-    returns the volume names."""
-    volumes = prepare(layout, out_dir, volume_size)
+def pack(layout: str, out_dir: str, volumes: list[list[Piece]], advance: Advance) -> list[str]:
+    """Write ``layout`` into ``out_dir`` as the ``volumes`` of its plan (``prepare``), skipping
+    those already complete, and their checksums, removing each blob of the layout once its
+    last byte is in a complete volume; returns the volume names."""
     last = {p.path: n for n, pieces in enumerate(volumes) for p in pieces}
     names = []
     sums = []

@@ -111,8 +111,13 @@ def test_a_resumed_export_drops_what_it_no_longer_carries(
     assert not list(out.rglob(".tmp-*"))
 
 
-def packing_interrupted(monkeypatch: pytest.MonkeyPatch, out: Path, *args: str) -> None:
-    """``bastion export ARGS --split-size 1MiB`` cut short while writing its second volume."""
+def packing_interrupted(
+    monkeypatch: pytest.MonkeyPatch, src: Path, tmp_path: Path
+) -> tuple[Path, list[str]]:
+    """``bastion export --root SRC --to OUT --split-size 1MiB`` cut short while writing its
+    second volume; (OUT, the arguments but ``--split-size``)."""
+    out = tmp_path / "vols"
+    args = ["--root", str(src), "--to", str(out)]
     write = volumes._write_volume
 
     def cut(layout: str, final: str, pieces: list[volumes.Piece], advance: Any) -> None:
@@ -125,6 +130,7 @@ def packing_interrupted(monkeypatch: pytest.MonkeyPatch, out: Path, *args: str) 
     with monkeypatch.context() as m:
         m.setattr(volumes, "_write_volume", cut)
         assert bastion("export", *args, "--split-size", "1MiB") == 130
+    return out, args
 
 
 def test_a_split_export_whose_staged_layout_is_gone_plans_its_volumes_anew(
@@ -133,9 +139,7 @@ def test_a_split_export_whose_staged_layout_is_gone_plans_its_volumes_anew(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    out = tmp_path / "vols"
-    args = ["--root", str(src), "--to", str(out)]
-    packing_interrupted(monkeypatch, out, *args)
+    out, args = packing_interrupted(monkeypatch, src, tmp_path)
     shutil.rmtree(out / "layout")  # removed by hand; the store changed meanwhile
     shutil.rmtree(src / "repositories" / HUGE)
     assert bastion("export", *args, "--split-size", "1MiB") == 0, capsys.readouterr().err
@@ -145,23 +149,17 @@ def test_a_split_export_whose_staged_layout_is_gone_plans_its_volumes_anew(
     assert bastion("import", str(out), "--root", str(tmp_path / "dst")) == 0
 
 
-def json_plan(out: Path) -> list[list[volumes.Piece]]:
-    doc = json.loads((out / volumes.PLAN_FILE).read_text())
-    return [[volumes.Piece(*piece) for piece in v] for v in doc["volumes"]]
-
-
 def test_split_export_resumes_only_with_the_same_volume_size(
     src: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    out = tmp_path / "vols"
-    args = ["--root", str(src), "--to", str(out)]
-    packing_interrupted(monkeypatch, out, *args)
+    out, args = packing_interrupted(monkeypatch, src, tmp_path)
     # the blobs packed whole into the first volume have left the layout; the plan stays
-    first = {p.path for p in json_plan(out)[0]}
-    last = {p.path: n for n, v in enumerate(json_plan(out)) for p in v}
+    saved = volumes.prepare(str(out / "layout"), str(out), 1 << 20)
+    first = {p.path for p in saved[0]}
+    last = {p.path: n for n, v in enumerate(saved) for p in v}
     gone = {path for path in first if path.startswith("blobs/") and last[path] == 0}
     assert gone and not any((out / "layout" / path).exists() for path in gone)
     capsys.readouterr()
