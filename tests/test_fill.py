@@ -243,11 +243,37 @@ async def test_a_follower_that_caught_up_sends_in_bursts(
     regions = await _follow(fills, digest, TrickleSource(data, 16 * 1024))
     await fills.close()
     # contiguous, the whole blob, and (but for the last range before the held-back tail and
-    # the tail itself) never less than a burst: not one sendfile per 16 KiB that landed
+    # the tail itself) never less than what was sent before it, up to a burst: not one
+    # sendfile per 16 KiB that landed
     counts = [c for _, c, _ in regions]
-    assert [o for o, _, _ in regions] == [0, *itertools.accumulate(counts)][:-1]
+    offsets = [0, *itertools.accumulate(counts)]
+    assert offsets[:-1] == [o for o, _, _ in regions]
     assert sum(counts) == len(data)
-    assert all(c >= burst for c in counts[:-2]), counts
+    assert all(
+        c >= min(burst, sent) for c, sent in zip(counts[1:-2], offsets[1:-3], strict=True)
+    ), counts
+    assert len([c for c in counts if c >= burst]) >= 4, counts
+
+
+async def test_a_followers_first_bytes_go_out_as_they_land(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a client waited for a whole burst (16 MiB, ~50 ms from a fast upstream) or the delay
+    # (0.2 s, from a slow one) before its first byte
+    _bursts_only(monkeypatch)
+    data = os.urandom(1 << 20)
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    stall = asyncio.Event()
+    fills = Fills(str(tmp_path))
+    follower = asyncio.ensure_future(_follow(fills, digest, TrickleSource(data, 10_000, stall)))
+    await asyncio.sleep(1.0)  # the upstream sent 10 000 bytes, then nothing for a second
+    stall.set()
+    regions = await follower
+    await fills.close()
+    offset, count, when = regions[0]
+    assert (offset, count) == (0, 10_000)
+    assert when < 0.5, regions
+    assert sum(c for _, c, _ in regions) == len(data)
 
 
 async def test_a_stalled_fetch_still_reaches_a_follower_within_the_delay(
