@@ -429,9 +429,9 @@ class Fills:
             await asyncio.sleep(_POLL)
 
     def _take_lead(self, digest: Digest) -> int | str | None:
-        """The fetch's lock, its state reset and data files of a leader that died removed (one
-        thread-pool call: each hop costs a cold small blob's client ~0.3 ms); None if another
-        leader holds it, "committed" if the blob landed meanwhile."""
+        """The fetch's lock, its state reset and data files of a leader that died removed, in
+        one thread-pool call (each hop delays a cold blob's first byte); None if another leader
+        holds it, "committed" if the blob landed meanwhile."""
         fd = _try_lock(self.lock_path(digest))
         if fd is None:
             return None
