@@ -31,6 +31,7 @@ import tarfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 from .digest import Digest
@@ -198,7 +199,8 @@ def pack(layout: str, out_dir: str, volumes: list[list[Piece]], advance: Advance
             advance(sum(p.length for p in pieces))
         for path in dict.fromkeys(p.path for p in pieces):
             if last[path] == n and path.startswith("blobs/"):  # metadata stays to the end
-                _remove(os.path.join(layout, path))
+                # missing: removed by the run this one continues
+                Path(layout, path).unlink(missing_ok=True)
         with open(final + ".sha256", encoding="utf-8") as f:
             sums.append(f.read())
         names.append(name)
@@ -214,14 +216,7 @@ def discard(out_dir: str) -> None:
             "SHA256SUMS",
             PLAN_FILE,
         ):
-            _remove(os.path.join(out_dir, name))
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:  # removed by the run this one continues
-        pass
+            Path(out_dir, name).unlink(missing_ok=True)
 
 
 def _write_volume(layout: str, final: str, pieces: list[Piece], advance: Advance) -> None:
