@@ -14,7 +14,9 @@ back and in a rotating order:
 
   cold pull   skopeo copy docker://<peer>/<image> dir:<tmp> (nothing cached yet)
   warm pull   the same again
-  stampede    --clients (20) concurrent GETs of the cold blob; wall time until all are done
+  stampede    --clients (20) concurrent GETs of the cold blob; wall time until all are done;
+              also from nginx over a copy of the blob's bytes (nothing to fetch): the floor
+              this machine sets for those GETs
 
 After each operation the benchmark waits (untimed) until the cache has committed what it
 fetched, then reads the upstream's access log: blob GETs (200/206) and their bytes, and other
@@ -44,7 +46,9 @@ from common import (
     KiB,
     Measurement,
     MiB,
+    NginxServer,
     Server,
+    Skip,
     Skopeo,
     TokenUpstream,
     cpu_seconds,
@@ -70,6 +74,7 @@ NAMESPACE = "quay.io"  # what bastion's config calls the upstream; clients say /
 SMALL_LAYERS = (1 * MiB, 256 * KiB, 16 * KiB)
 SETTLE_TIMEOUT = 180.0
 PEERS = ("bastion", "proxy", "direct")
+FLOOR = "nginx"  # the stampede only
 
 
 def log(msg: str) -> None:
@@ -130,10 +135,16 @@ def _push_image(
 
 
 def seed_upstream(
-    up: TokenUpstream, tmp: Path, layer_size: int, stampede_size: int, seed: int
+    up: TokenUpstream,
+    tmp: Path,
+    layer_size: int,
+    stampede_size: int,
+    seed: int,
+    docroot: Path | None = None,
 ) -> tuple[dict[str, ImageSpec], tuple[str, str, int]]:
     """Push app:1, small:1 and the stampede blob. Returns the images by name and
-    (repo, digest, size) of the stampede blob."""
+    (repo, digest, size) of the stampede blob. With ``docroot``, the stampede blob's bytes
+    are kept there at its ``/v2/<repo>/blobs/<digest>`` path, for nginx."""
     images: dict[str, ImageSpec] = {}
     for name, sizes in (("app", (layer_size, *SMALL_LAYERS)), ("small", SMALL_LAYERS)):
         repo = f"bench/{name}"
@@ -148,7 +159,12 @@ def seed_upstream(
     path = tmp / "seed-stampede"
     digest = write_random_file(path, stampede_size, f"{seed}/stampede/{stampede_size}")
     up.push_blob_file("bench/stampede", path, digest)
-    path.unlink()
+    if docroot is None:
+        path.unlink()
+    else:
+        kept = docroot / "v2" / "bench" / "stampede" / "blobs" / digest
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(kept)
     return images, ("bench/stampede", digest, stampede_size)
 
 
@@ -397,6 +413,7 @@ def run_round(
     blob: tuple[str, str, int],
     args: argparse.Namespace,
     config_path: Path,
+    nginx: NginxServer | None,
 ) -> None:
     log(f"round {r + 1}/{args.rounds}: fresh caches")
     rdir = tmp / f"round{r}"
@@ -450,7 +467,12 @@ def run_round(
                         lambda st, p=p, image=image: skopeo_pull(skopeo, p, image, out, st),
                     )
         repo, digest, size = blob
-        for p in order if "stampede" in args.ops else []:
+        stampeders = [peers[n] for n in PEERS]
+        if nginx is not None:
+            run.labels[FLOOR] = nginx.label
+            stampeders.append(Peer(FLOOR, nginx.label, f"{nginx.host}:{nginx.port}", "", nginx))
+        k = r % len(stampeders)
+        for p in stampeders[k:] + stampeders[:k] if "stampede" in args.ops else []:
             timed(
                 run,
                 "stampede",
@@ -613,12 +635,25 @@ def report(
         " the upstream, and skopeo (pulls only).",
     ]
     for name, st in (("bastion", st_b), ("proxy", st_p), ("direct", st_d)):
-        if st.blob_gets:
+        if st.blob_gets and st.ttfb:
             ttfb = median(st.ttfb)
             notes.append(
                 f"stampede {name}: upstream blob GETs per round {st.blob_gets}; first byte median "
                 f"{fmt_num(ttfb)} s, slowest {fmt_num(max(st.ttfb) if st.ttfb else None)} s"
             )
+    st_n = run.stats("stampede", FLOOR)
+    if st_n.ok_times():
+        per_round = [
+            f"{b / n:.2f}" for b, n in zip(st_b.times, st_n.times, strict=False) if b and n
+        ]
+        notes.append(
+            f"stampede floor: the same GETs from {run.labels[FLOOR]} over a copy of the blob"
+            f" (nothing to fetch): median {fmt_num(median(st_n.ok_times()))} s, first byte"
+            f" median {fmt_num(median(st_n.ttfb))} s; bastion / nginx"
+            f" {fmt_ratio(pair(st_b, st_n))} (per round {', '.join(per_round)})"
+        )
+    elif "stampede" in args.ops:
+        notes.append("stampede floor: not measured (nginx is not installed)")
     suspicious: list[str] = []
     if any(n > 1 for n in st_b.blob_gets):
         suspicious.append(
@@ -705,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     if skip is not None:
         return skip
     # upstream copy + per round: two caches + one skopeo output, plus the seed file
-    need = (layer_size + stampede_size) * 4 * 1.1
+    need = (layer_size + stampede_size) * 4 * 1.1 + stampede_size
     free = shutil.disk_usage(args.tmp).free
     if free < need:
         print(f"pullthrough: {args.tmp} has {free / GiB:.1f} GiB free, needs {need / GiB:.1f}")
@@ -718,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
         TokenUpstream(tmp / "upstream") as up,
     ):
         log(f"seeding the upstream ({fmt_size(layer_size)} layer, {fmt_size(stampede_size)} blob)")
-        images, blob = seed_upstream(up, tmp, layer_size, stampede_size, args.seed)
+        docroot = tmp / "nginx-root"
+        images, blob = seed_upstream(up, tmp, layer_size, stampede_size, args.seed, docroot)
         authfile = up.write_authfile(tmp / "pull-secret.json", NAMESPACE)
         config_path = tmp / "bastion.yaml"
         config_path.write_text(
@@ -726,8 +762,16 @@ def main(argv: list[str] | None = None) -> int:
             f"    authfile: {authfile}\n"
         )
         skopeo = Skopeo(tmp / "skopeo")
-        for r in range(args.rounds):
-            run_round(r, run, tmp, up, skopeo, images, blob, args, config_path)
+        with ExitStack() as stack:
+            nginx: NginxServer | None = None
+            try:
+                nginx = NginxServer(tmp / "nginx", docroot, workers=args.workers)
+                stack.enter_context(nginx)
+            except Skip as e:
+                nginx = None
+                log(f"stampede floor not measured: {e}")
+            for r in range(args.rounds):
+                run_round(r, run, tmp, up, skopeo, images, blob, args, config_path, nginx)
         skopeo_label = skopeo.version()
     print()
     print(
