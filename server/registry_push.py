@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
@@ -51,10 +50,8 @@ _RETRY_STATUSES: Final = frozenset({429, 502, 503, 504})
 _ATTEMPTS: Final = 3
 _BLOB_ATTEMPTS: Final = 3
 _MAX_RETRY_AFTER: Final = 5.0
-#: Error documents and token responses are small.
+#: Error documents are small.
 _ERROR_LIMIT: Final = 64 * 1024
-_TOKEN_LIMIT: Final = 1 << 20
-_DEFAULT_TOKEN_LIFETIME: Final = 60.0
 
 #: ``open_at(offset)``: the blob's bytes from ``offset`` on, in pieces.
 BlobSource = Callable[[int], AsyncIterator[bytes]]
@@ -122,67 +119,16 @@ class RegistryPush(UpstreamClient):
     def __init__(self, config: UpstreamConfig, chunk_size: int | None = None) -> None:
         super().__init__(config)
         self.chunk_size = chunk_size
-        self._scoped: dict[str, tuple[str, float]] = {}
-        self._scoped_locks: dict[str, asyncio.Lock] = {}
 
     # ---- auth: push scopes -------------------------------------------------------------------
 
     def scopes(self, repository: str) -> list[str]:
+        """Push and pull; during a mount also pull from the repository it mounts from."""
         scopes = [f"repository:{repository}:pull,push"]
         source = _MOUNT_FROM.get()
         if source is not None and source != repository:
             scopes.append(f"repository:{source}:pull")
         return scopes
-
-    async def _authorization(self, repository: str) -> str | None:
-        if self._challenge is None or self._challenge[0] != "bearer":
-            return await super()._authorization(repository)
-        params = self._challenge[1]
-        scopes = self.scopes(repository)
-        if len(scopes) == 1:
-            return f"Bearer {await self._bearer_token(repository, params, scopes[0])}"
-        return f"Bearer {await self._token_for(repository, params, scopes)}"
-
-    async def _token_for(self, repository: str, params: dict[str, str], scopes: list[str]) -> str:
-        """A token for several scopes: one ``scope`` parameter each (distribution token spec;
-        ``UpstreamClient._bearer_token`` sends exactly one)."""
-        key = " ".join(scopes)
-        async with self._scoped_locks.setdefault(key, asyncio.Lock()):
-            cached = self._scoped.get(key)
-            if cached is not None and cached[1] > time.monotonic():
-                return cached[0]
-            return await self._fetch_scoped(key, repository, params, scopes)
-
-    async def _fetch_scoped(
-        self, key: str, repository: str, params: dict[str, str], scopes: list[str]
-    ) -> str:
-        realm = params.get("realm")
-        if not realm:
-            raise UpstreamAuthError(f"registry {self.host}: Bearer challenge without a realm")
-        query = [("scope", s) for s in scopes]
-        if params.get("service"):
-            query.append(("service", params["service"]))
-        creds = self.credentials(repository)
-        headers = {"Authorization": creds.basic()} if creds is not None else {}
-        try:
-            async with self._get_session().get(realm, params=query, headers=headers) as r:
-                if r.status in (401, 403):
-                    raise UpstreamAuthError(self._auth_refused(repository, r.status))
-                if r.status != 200:
-                    raise UpstreamUnavailable(
-                        f"registry {self.host}: token service answered {r.status}"
-                    )
-                doc = json.loads(await r.content.read(_TOKEN_LIMIT))
-        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-            raise UpstreamUnavailable(f"registry {self.host}: token service {realm}: {e}") from None
-        token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
-        if not isinstance(token, str) or not token:
-            raise UpstreamAuthError(f"registry {self.host}: token service gave no token")
-        lifetime = doc.get("expires_in")
-        if not isinstance(lifetime, (int, float)) or lifetime <= 0:
-            lifetime = _DEFAULT_TOKEN_LIFETIME
-        self._scoped[key] = (token, time.monotonic() + max(lifetime - 10, lifetime / 2))
-        return token
 
     # ---- requests with a body ----------------------------------------------------------------
 
@@ -230,7 +176,6 @@ class RegistryPush(UpstreamClient):
                     raise UpstreamAuthError(self._auth_refused(repository, 401))
                 self._challenge = challenge
                 self._tokens.clear()
-                self._scoped.clear()
                 if not replayable:  # part of the body may be gone: the caller starts over
                     raise UpstreamUnavailable(f"registry {self.host}: token refused mid-upload")
                 answered = True
@@ -292,7 +237,7 @@ class RegistryPush(UpstreamClient):
             if mount_from is None:
                 raise
             log.info("%s: no pull access to %s for a mount; uploading", repository, mount_from)
-            self._scoped.clear()
+            self._tokens.clear()
             return await self.start_upload(repository, digest, None)
         finally:
             _MOUNT_FROM.reset(token)

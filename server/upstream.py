@@ -278,51 +278,63 @@ class UpstreamClient:
         params = {k.lower(): (v1 if v1 else v2) for k, v1, v2 in _CHALLENGE_RE.findall(rest)}
         return scheme.lower(), params
 
-    async def _bearer_token(self, repository: str, params: dict[str, str], scope: str) -> str:
-        cached = self._tokens.get(scope)
+    def scopes(self, repository: str) -> list[str]:
+        """The token scopes a request for ``repository`` needs."""
+        return [f"repository:{repository}:pull"]
+
+    async def _bearer_token(
+        self, repository: str, params: dict[str, str], scopes: list[str]
+    ) -> str:
+        key = " ".join(scopes)
+        cached = self._tokens.get(key)
         if cached is not None and cached.expires > time.monotonic():
             return cached.value
         # one token request per scope however many requests need it at once
-        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        lock = self._token_locks.setdefault(key, asyncio.Lock())
         async with lock:
-            cached = self._tokens.get(scope)
+            cached = self._tokens.get(key)
             if cached is not None and cached.expires > time.monotonic():
                 return cached.value
-            return await self._fetch_token(repository, params, scope)
+            token, lifetime = await self._fetch_token(repository, params, scopes)
+            # renew a little early so a token never expires in flight
+            expires = time.monotonic() + max(lifetime - 10, lifetime / 2)
+            self._tokens[key] = _Token(token, expires)
+            return token
 
-    async def _fetch_token(self, repository: str, params: dict[str, str], scope: str) -> str:
+    async def _fetch_token(
+        self, repository: str, params: dict[str, str], scopes: list[str]
+    ) -> tuple[str, float]:
+        """(token, lifetime in seconds) from the challenge's token service: one ``scope``
+        parameter per scope (distribution's token spec; Quay's endpoint needs them apart)."""
         realm = params.get("realm")
         if not realm:
             raise UpstreamAuthError(f"{self.role} {self.host}: Bearer challenge without a realm")
-        query = {"scope": scope}
+        query = [("scope", scope) for scope in scopes]
         if params.get("service"):
-            query["service"] = params["service"]
+            query.append(("service", params["service"]))
         creds = self.credentials(repository)
         headers = {"Authorization": creds.basic()} if creds else {}
+        what = f"token service {realm}"
         try:
-            async with self._get_session().get(realm, params=query, headers=headers) as r:
-                if r.status in (401, 403):
-                    raise UpstreamAuthError(self._auth_refused(repository, r.status))
-                if r.status != 200:
-                    raise UpstreamUnavailable(
-                        f"{self.role} {self.host}: token service {realm} answered {r.status}"
-                    )
-                doc = await r.json(content_type=None)
-                if r.content_length is not None and r.content_length > _TOKEN_LIMIT:
-                    raise UpstreamError(f"{self.role} {self.host}: token response too large")
-        except (TimeoutError, aiohttp.ClientError, ValueError) as e:
-            raise UpstreamUnavailable(
-                f"{self.role} {self.host}: token service {realm}: {e}"
-            ) from None
+            r = await self._get_session().get(realm, params=query, headers=headers)
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise UpstreamUnavailable(f"{self.role} {self.host}: {what}: {e}") from None
+        if r.status != 200:
+            r.release()
+            if r.status in (401, 403):
+                raise UpstreamAuthError(self._auth_refused(repository, r.status))
+            raise UpstreamUnavailable(f"{self.role} {self.host}: {what} answered {r.status}")
+        try:
+            doc = json.loads(await self._read(r, _TOKEN_LIMIT, f"{what} answer"))
+        except ValueError as e:
+            raise UpstreamUnavailable(f"{self.role} {self.host}: {what}: {e}") from None
         token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
             raise UpstreamAuthError(f"{self.role} {self.host}: token service gave no token")
         lifetime = doc.get("expires_in")
         if not isinstance(lifetime, (int, float)) or lifetime <= 0:
             lifetime = _DEFAULT_TOKEN_LIFETIME
-        # renew a little early so a token never expires in flight
-        self._tokens[scope] = _Token(token, time.monotonic() + max(lifetime - 10, lifetime / 2))
-        return token
+        return token, float(lifetime)
 
     def _auth_refused(self, repository: str, status: int) -> str:
         creds = self.credentials(repository)
@@ -343,8 +355,7 @@ class UpstreamClient:
             return None
         scheme, params = self._challenge
         if scheme == "bearer":
-            token = await self._bearer_token(repository, params, f"repository:{repository}:pull")
-            return f"Bearer {token}"
+            return f"Bearer {await self._bearer_token(repository, params, self.scopes(repository))}"
         if scheme == "basic":
             creds = self.credentials(repository)
             if creds is not None:
@@ -402,7 +413,7 @@ class UpstreamClient:
                 continue
             if response.status in (401, 403):
                 response.release()
-                self._tokens.pop(f"repository:{repository}:pull", None)
+                self._tokens.pop(" ".join(self.scopes(repository)), None)
                 raise UpstreamAuthError(self._auth_refused(repository, response.status))
             if response.status in _RETRY_STATUSES:
                 retry_after = _retry_after(response.headers.get("Retry-After"))
