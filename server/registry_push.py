@@ -38,6 +38,7 @@ from .upstream import (
     UpstreamError,
     UpstreamNotFound,
     UpstreamUnavailable,
+    read_at_most,
 )
 
 __all__ = ["BlobSource", "PushRefused", "RegistryPush"]
@@ -195,7 +196,7 @@ class RegistryPush(UpstreamClient):
     ) -> UpstreamError:
         status = response.status
         try:
-            doc = json.loads(await response.content.read(_ERROR_LIMIT))
+            doc = json.loads(await read_at_most(response, _ERROR_LIMIT) or b"")
             errors = doc.get("errors") if isinstance(doc, dict) else None
         except (ValueError, aiohttp.ClientError, TimeoutError):
             errors = None

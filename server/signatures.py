@@ -14,6 +14,8 @@ import yaml
 
 from storage import Digest, Store
 
+from .upstream import read_at_most
+
 __all__ = ["SignatureError", "fetch_signatures", "configmap", "MAX_SIGNATURE"]
 
 #: Signature bodies are small (library-go reads at most 50 KiB per signature).
@@ -34,8 +36,8 @@ async def _fetch_url(base: str, digest: Digest, n: int) -> bytes | None:
                 return None
             if r.status != 200:
                 raise SignatureError(f"signature store answered {r.status} for {url}")
-            data = await r.content.read(MAX_SIGNATURE + 1)
-            if len(data) > MAX_SIGNATURE:
+            data = await read_at_most(r, MAX_SIGNATURE)
+            if data is None:
                 raise SignatureError(f"{url} is larger than {MAX_SIGNATURE} bytes")
             return data
     except (aiohttp.ClientError, TimeoutError) as e:

@@ -38,6 +38,7 @@ __all__ = [
     "UpstreamBlob",
     "MANIFEST_ACCEPT",
     "MAX_RESUMES",
+    "read_at_most",
 ]
 
 log = logging.getLogger("bastion.upstream")
@@ -477,22 +478,15 @@ class UpstreamClient:
 
     async def _read(self, response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
         """The whole body of ``response`` (released afterwards), at most ``limit`` bytes."""
-        too_large = UpstreamError(f"{self.role} {self.host}: {what} larger than {limit} bytes")
         try:
-            if response.content_length is not None and response.content_length > limit:
-                raise too_large
-            parts: list[bytes] = []
-            total = 0
-            async for chunk in response.content.iter_any():
-                total += len(chunk)
-                if total > limit:
-                    raise too_large
-                parts.append(chunk)
+            body = await read_at_most(response, limit)
         except (TimeoutError, aiohttp.ClientError) as e:
             raise UpstreamUnavailable(f"{self.role} {self.host}: reading {what}: {e}") from None
         finally:
             response.release()
-        return b"".join(parts)
+        if body is None:
+            raise UpstreamError(f"{self.role} {self.host}: {what} larger than {limit} bytes")
+        return body
 
     async def head_manifest(self, repository: str, reference: str) -> tuple[str | None, str | None]:
         """(Docker-Content-Digest, Content-Type) of a manifest without its body."""
@@ -513,6 +507,22 @@ class UpstreamClient:
     async def open_blob(self, repository: str, digest: str) -> UpstreamBlob:
         response = await self.request("GET", repository, f"blobs/{digest}")
         return UpstreamBlob(response, self, repository, digest)
+
+
+async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body of ``response``, or None as soon as it proves longer than ``limit``
+    bytes. (``response.content.read(n)`` returns what has arrived so far, which may be any
+    part of a body that came in several segments.)"""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in response.content.iter_any():
+        total += len(chunk)
+        if total > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _media_type(value: str | None) -> str | None:
