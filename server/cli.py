@@ -211,7 +211,8 @@ def _run_mirror(args: argparse.Namespace, config: Config) -> int:
             raise ConfigError("give at least one SOURCE_REF or --from-file")
         return asyncio.run(mirror_images(config, sources, options))
     except CommandError as e:
-        print(f"bastion: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:  # several failures: one line each
+            print(f"bastion: {line}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
 
 

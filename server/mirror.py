@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
@@ -47,7 +47,29 @@ _T = TypeVar("_T")
 
 
 class MirrorError(Exception):
-    """A mirror step failed for good (one line naming the image and the cause)."""
+    """A mirror step failed for good: a line naming the image and the cause, one per failure
+    when several steps failed."""
+
+
+#: Failures listed one per line at most; the rest are counted.
+_MAX_LINES: Final = 50
+
+
+async def _all(steps: Iterable[Awaitable[object]]) -> None:
+    """Run every step to its end, so that a failure does not stop the others (a rerun then
+    has less to do); then raise the ``MirrorError``s together, one line each, or else the
+    first other error."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if not failures:
+        return
+    for failure in failures:
+        if not isinstance(failure, MirrorError):
+            raise failure
+    lines = list(dict.fromkeys(line for f in failures for line in str(f).splitlines()))
+    if len(lines) > _MAX_LINES:
+        lines[_MAX_LINES:] = [f"... and {len(lines) - _MAX_LINES} more failures"]
+    raise MirrorError("\n".join(lines))
 
 
 @dataclass
@@ -233,7 +255,7 @@ class Mirror:
                 raise MirrorError(f"{job.source}: {e}") from None
             self.progress.planned(job)
 
-        await asyncio.gather(*(one(job) for job in jobs))
+        await _all(one(job) for job in jobs)
 
     @staticmethod
     def blobs_of(jobs: list[ImageJob]) -> dict[Digest, tuple[int, ImageJob]]:
@@ -272,7 +294,7 @@ class Mirror:
                 self.summary.blobs_present += 1
                 self.summary.bytes_present += size
         self.progress.start_bytes(sum(size for size, _ in todo.values()))
-        await asyncio.gather(*(self._fetch_blob(d, size, job) for d, (size, job) in todo.items()))
+        await _all(self._fetch_blob(d, size, job) for d, (size, job) in todo.items())
 
     async def _fetch_blob(self, digest: Digest, size: int, job: ImageJob) -> None:
         client = self.upstream(job.source.host)

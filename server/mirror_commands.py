@@ -130,10 +130,15 @@ async def _execute(mirror: Mirror, jobs: list[ImageJob], options: MirrorOptions)
 
 
 def _mirror_map(name: str, host: str, jobs: list[ImageJob]) -> snippets.MirrorMap:
+    """Digest mirrors for every source repository; tag mirrors only where the destination
+    holds one source repository's tags (a shared one would answer for others' tags too)."""
     m = snippets.MirrorMap(name)
+    sources: dict[str, set[str]] = {}
+    for job in jobs:
+        sources.setdefault(job.dest, set()).add(job.source.name)
     for job in jobs:
         m.digests[job.source.name] = f"{host}/{job.dest}"
-        if job.source.tag and job.source.tag in job.tags:
+        if job.source.tag and job.source.tag in job.tags and len(sources[job.dest]) == 1:
             m.tags[job.source.name] = f"{host}/{job.dest}"
     return m
 
@@ -203,23 +208,29 @@ async def _mirror_release(
         release_job.tags = [version_tag]
     elif ref.tag:
         release_job.tags = [ref.tag]
-    jobs = [release_job]
+    components = []
     for name, component in payload.components:
         dest = options.to or mirror.local_name(component)
         tags = [f"{version_tag}-{name}"] if options.to else []
-        jobs.append(ImageJob(component, dest, tags, label=name))
+        components.append(ImageJob(component, dest, tags, label=name))
+    # the release last: its tag appears once every image it names is in the store
+    jobs = [*components, release_job]
     mirror.progress.set_total_images(len(jobs))
     log.info(
         "release %s (%s): %d components", payload.version, root.digest, len(payload.components)
     )
-    await mirror.plan(jobs[1:])
+    await mirror.plan(components)
+    # before the copy, as oc verifies first: a missing signature must not cost a whole mirror
+    # its configuration output
+    signatures = None
+    if options.signatures_from:
+        signatures = await sigs.fetch_signatures(options.signatures_from, root.digest)
     if not await _execute(mirror, jobs, options):
         return 0
     host = options.mirror_host or default_mirror_host(config)
     sources = _mirror_map(f"release-{payload.version}".replace("_", "-").lower(), host, jobs)
     files = snippets.render(sources, insecure=options.insecure)
-    if options.signatures_from:
-        signatures = await sigs.fetch_signatures(options.signatures_from, root.digest)
+    if signatures is not None:
         await sigs.keep(store, root.digest, signatures)
         if options.out_dir:
             sigs.write_files(options.out_dir, root.digest, signatures)
@@ -228,8 +239,9 @@ async def _mirror_release(
     written = _write_out_dir(options, files)
     out = sys.stdout
     out.write("Success\n")
-    tag = f":{release_job.tags[0]}" if release_job.tags else ""
-    out.write(f"Update image:  {host}/{release_dest}{tag}\n")
+    # a reference that can be pulled as it is: by tag, or by digest if the release has none
+    pin = f":{release_job.tags[0]}" if release_job.tags else f"@{root.digest}"
+    out.write(f"Update image:  {host}/{release_dest}{pin}\n")
     out.write(f"Release digest: {root.digest}\n")
     out.write(f"Mirror prefix: {host}/{release_dest}\n")
     out.write(f"Summary: {mirror.summary.line()}\n")
@@ -241,6 +253,20 @@ async def _stored_path(store: Store, digest: Digest) -> str:
     path = store.blob_local_path(digest)
     assert path is not None
     return path
+
+
+def _refuse_shared_tags(jobs: list[ImageJob]) -> None:
+    """Two source repositories whose images would get the same tag in one destination (``--to``):
+    the second would silently take the first one's tag."""
+    owner: dict[tuple[str, str], str] = {}
+    for job in jobs:
+        for tag in job.tags:
+            first = owner.setdefault((job.dest, tag), job.source.name)
+            if first != job.source.name:
+                raise UsageError(
+                    f"{first}:{tag} and {job.source.name}:{tag} would both be tagged {tag} in "
+                    f"{job.dest}; mirror them to separate repositories or by digest"
+                )
 
 
 def read_list(path: str) -> list[str]:
@@ -288,6 +314,7 @@ async def mirror_images(config: Config, sources: Sequence[str], options: MirrorO
                 ImageJob(ref, options.to or mirror.local_name(ref), [ref.tag] if ref.tag else [])
                 for ref in refs
             ]
+            _refuse_shared_tags(jobs)
             await mirror.plan(jobs)
             if not await _execute(mirror, jobs, options):
                 return 0

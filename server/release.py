@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import tarfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from storage import Digest
 from .reference import ImageReference, ReferenceError
 
 __all__ = ["ReleaseError", "ReleasePayload", "read_payload", "parse_image_references", "ARCHES"]
+
+log = logging.getLogger("bastion.release")
 
 IMAGE_REFERENCES: Final = "release-manifests/image-references"
 RELEASE_METADATA: Final = "release-manifests/release-metadata"
@@ -102,8 +105,12 @@ def parse_image_references(data: bytes) -> tuple[str, list[tuple[str, ImageRefer
         doc = yaml.safe_load(data)
     except yaml.YAMLError as e:
         raise ReleaseError(f"image-references is not valid JSON or YAML: {e}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != "ImageStream":
-        raise ReleaseError("image-references is not an ImageStream")
+    if (
+        not isinstance(doc, dict)
+        or doc.get("kind") != "ImageStream"
+        or doc.get("apiVersion") != "image.openshift.io/v1"
+    ):
+        raise ReleaseError("image-references is not an image.openshift.io/v1 ImageStream")
     name = (doc.get("metadata") or {}).get("name")
     tags = (doc.get("spec") or {}).get("tags")
     if not isinstance(name, str) or not isinstance(tags, list) or not tags:
@@ -112,7 +119,9 @@ def parse_image_references(data: bytes) -> tuple[str, list[tuple[str, ImageRefer
     for i, tag in enumerate(tags):
         source = tag.get("from") if isinstance(tag, dict) else None
         if not isinstance(source, dict) or source.get("kind") != "DockerImage":
-            raise ReleaseError(f"image-references spec.tags[{i}] has no from.kind DockerImage")
+            # not an image to mirror (oc adm release mirror passes over it the same way)
+            log.warning("image-references spec.tags[%d] has no from.kind DockerImage: skipped", i)
+            continue
         try:
             ref = ImageReference.parse(str(source.get("name", "")))
         except ReferenceError as e:

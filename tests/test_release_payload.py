@@ -97,13 +97,14 @@ async def test_whiteout_hides_lower_copy(tmp_path: Path) -> None:
     ("data", "fragment"),
     [
         (b"{", "not valid JSON or YAML"),
-        (b'{"kind": "Pod"}', "not an ImageStream"),
+        (b'{"kind": "Pod"}', "not an image.openshift.io/v1 ImageStream"),
+        (b'{"kind": "ImageStream", "apiVersion": "v1"}', "not an image.openshift.io/v1"),
         (
-            b'{"kind": "ImageStream", "metadata": {"name": "v"}, "spec": {"tags": [{"name": "a", "from": {"kind": "DockerImage", "name": "quay.io/a/b:tag"}}]}}',
+            b'{"kind": "ImageStream", "apiVersion": "image.openshift.io/v1", "metadata": {"name": "v"}, "spec": {"tags": [{"name": "a", "from": {"kind": "DockerImage", "name": "quay.io/a/b:tag"}}]}}',
             "not by digest",
         ),
         (
-            b'{"kind": "ImageStream", "metadata": {"name": "v"}, "spec": {"tags": []}}',
+            b'{"kind": "ImageStream", "apiVersion": "image.openshift.io/v1", "metadata": {"name": "v"}, "spec": {"tags": []}}',
             "no metadata.name or no spec.tags",
         ),
     ],
@@ -111,3 +112,24 @@ async def test_whiteout_hides_lower_copy(tmp_path: Path) -> None:
 def test_malformed_image_references(data: bytes, fragment: str) -> None:
     with pytest.raises(ReleaseError, match=fragment):
         parse_image_references(data)
+
+
+def test_image_references_tags_that_name_no_image_are_passed_over() -> None:
+    """As oc adm release mirror does: a tag without ``from.kind: DockerImage`` (an
+    ImageStreamTag, or none) is no image to mirror; the others still are."""
+    digest = "sha256:" + "a" * 64
+    doc = {
+        "kind": "ImageStream",
+        "apiVersion": "image.openshift.io/v1",
+        "metadata": {"name": "4.99.1"},
+        "spec": {
+            "tags": [
+                {"name": "cli", "from": {"kind": "DockerImage", "name": f"quay.io/o/c@{digest}"}},
+                {"name": "alias", "from": {"kind": "ImageStreamTag", "name": "cli"}},
+                {"name": "empty"},
+            ]
+        },
+    }
+    name, components = parse_image_references(json.dumps(doc).encode())
+    assert name == "4.99.1"
+    assert [(n, str(ref)) for n, ref in components] == [("cli", f"quay.io/o/c@{digest}")]

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.release import (
+    COMPONENT_REPO,
     COMPONENT_SOURCE,
     RELEASE_SOURCE,
     Release,
@@ -269,6 +270,89 @@ def test_unknown_release_is_one_line(
     assert p.returncode == 1
     lines = [line for line in p.stderr.splitlines() if line.startswith("bastion:")]
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in p.stderr
+
+
+def test_a_release_by_digest_is_pinned_by_digest(
+    release: Release, config: Path, tmp_path: Path
+) -> None:
+    """Without a tag (and no --to) the "Update image" reference carries the digest: a bare
+    repository would mean :latest, which the mirror does not have."""
+    p = mirror(
+        config,
+        tmp_path / "root",
+        f"{RELEASE_SOURCE}@{release.release_digest}",
+        "--mirror-host",
+        "mirror.example:5000",
+    )
+    assert p.returncode == 0, p.stderr
+    expected = f"Update image:  mirror.example:5000/{RELEASE_SOURCE}@{release.release_digest}"
+    assert expected in p.stdout
+
+
+def test_missing_signatures_fail_before_anything_is_copied(
+    release: Release, config: Path, tmp_path: Path
+) -> None:
+    root, empty = tmp_path / "root", tmp_path / "no-signatures"
+    empty.mkdir()
+    p = mirror(config, root, SOURCE, "--signatures-from", str(empty))
+    assert p.returncode == 1
+    lines = [line for line in p.stderr.splitlines() if line.startswith("bastion:")]
+    assert len(lines) == 1 and "no signature for" in lines[0], p.stderr
+    # only the release image's own layers (read for its payload) were fetched; no tag
+    assert len(blobs_in(root)) <= len(release.release_image.blobs)
+    assert not (root / "repositories" / RELEASE_SOURCE / "_manifests" / "tags").exists()
+
+
+def test_every_missing_component_is_named(
+    release: Release, config: Path, tmp_path: Path, upstream_client: RegistryClient
+) -> None:
+    gone = sorted(set(release.components.values()))[:2]
+    for digest in gone:
+        r = upstream_client.delete_manifest(COMPONENT_REPO, digest)
+        assert r.status == 202, r.status
+    root = tmp_path / "root"
+    try:
+        p = mirror(config, root, SOURCE)
+    finally:
+        push_release(release, upstream_client)  # the upstream is shared with other tests
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("bastion:")]
+    assert len(lines) == 2, p.stderr
+    for digest in gone:
+        assert sum(digest in line and "not found" in line for line in lines) == 1, lines
+    assert not (root / "repositories" / RELEASE_SOURCE / "_manifests" / "tags").exists()
+
+
+def test_mirror_image_to_one_repository_refuses_a_tag_two_sources_share(
+    config: Path, tmp_path: Path, upstream_client: RegistryClient
+) -> None:
+    from tests.images import sample_image
+    from tests.upstream import push_artifact
+
+    for team in ("a", "b"):
+        push_artifact(upstream_client, f"team/{team}", sample_image(f"shared-{team}"), tag="v1")
+    p = subprocess.run(
+        [
+            *bastion_command(),
+            "mirror",
+            "image",
+            "--config",
+            str(config),
+            "--root",
+            str(tmp_path / "root"),
+            "--to",
+            "mirror/all",
+            "quay.io/team/a:v1",
+            "quay.io/team/b:v1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr
+    line = p.stderr.strip()
+    assert line.startswith("bastion: ") and "both be tagged v1 in mirror/all" in line
+    assert not (tmp_path / "root" / "blobs").exists()
 
 
 def test_refused_credentials_name_authfile_and_host(
