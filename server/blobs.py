@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from storage import Digest, Store
 from storage.fill import Fill, FillFailed, SourceMissing
@@ -29,10 +30,21 @@ def _unsatisfiable(request: web.Request, size: int) -> OCIError:
     )
 
 
+def _ignored_range(request: web.Request) -> bool:
+    """Whether ``Range`` is one to ignore, answering with the whole blob (RFC 9110 14.2): in a
+    unit other than bytes (which a server MUST ignore), or asking for several ranges (which it
+    may; containers/image's partial pulls of zstd:chunked layers take the whole blob)."""
+    value = request.headers.get("Range")
+    if value is None:
+        return False
+    return not value.strip().lower().startswith("bytes=") or "," in value
+
+
 def _byte_range(request: web.Request, size: int) -> tuple[int, int] | None:
-    """``[start, end)`` of a satisfiable ``Range`` (RFC 9110 14.1.2), None without one; a
-    malformed or unsatisfiable range raises RANGE_INVALID with ``Content-Range: bytes */size``."""
-    if "Range" not in request.headers:
+    """``[start, end)`` of a satisfiable ``Range`` (RFC 9110 14.1.2), None without one or with
+    one to ignore (``_ignored_range``); a malformed or unsatisfiable range raises RANGE_INVALID
+    with ``Content-Range: bytes */size``."""
+    if "Range" not in request.headers or _ignored_range(request):
         return None
     try:
         rng = request.http_range
@@ -65,7 +77,18 @@ def _serve_file(
     if path is None:
         raise OCIError("UNSUPPORTED", "this storage backend cannot serve blobs directly")
     # sendfile, Range (206) and conditional requests are FileResponse's
-    return web.FileResponse(path, headers=_blob_headers(digest))
+    whole = _WholeFileResponse if _ignored_range(request) else web.FileResponse
+    return whole(path, headers=_blob_headers(digest))
+
+
+class _WholeFileResponse(web.FileResponse):
+    """A ``FileResponse`` that answers as if the request had no ``Range`` (FileResponse
+    would answer 416 to one that ``_ignored_range`` ignores)."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        headers = request.headers.copy()
+        headers.popall("Range", None)
+        return await super().prepare(request.clone(headers=headers))
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:

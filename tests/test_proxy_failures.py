@@ -206,6 +206,10 @@ async def test_range_on_an_uncached_blob_streams_that_range(
     assert r.status == 206
     assert r.headers["Content-Range"] == f"bytes 1000-1999/{len(BLOB)}"
     assert await r.read() == BLOB[1000:2000]
+    # several ranges: the whole blob (as from the store: tests/test_blobs.py)
+    r = await cache.get(f"/v2/{LOCAL}/blobs/{digest}", headers={"Range": "bytes=0-9,20-29"})
+    assert r.status == 200 and "Content-Range" not in r.headers
+    assert await r.read() == BLOB
 
 
 async def test_a_failed_fetch_does_not_fail_the_next_burst(
