@@ -17,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Final, NoReturn
 
 from storage import StoreError, validate_name
+from storage.driver import DriverError
 
 from .authfile import AuthFileError, load_authfile
 from .config import Config, ConfigError, load_config, parse_size
@@ -282,8 +283,11 @@ def _run_ferry(args: argparse.Namespace, config: Config) -> int:
             for failure in e.lines:
                 print(f"bastion: {failure}", file=sys.stderr)
             return 1
-        except OSError as e:
+        except (OSError, StoreError, DriverError) as e:
             print(f"bastion: {e}", file=sys.stderr)
+            return 1
+        except RecursionError:
+            print(f"bastion: {args.command}: content nested too deeply", file=sys.stderr)
             return 1
     print(f"Summary: {line}")
     return 0

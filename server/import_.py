@@ -13,6 +13,7 @@ from typing import Any
 
 from storage import Digest, ManifestInvalid, Store, StoreError, paths
 from storage import layout as oci
+from storage.driver import DriverError
 
 from .config import Config
 from .ferry import (
@@ -77,6 +78,7 @@ async def _import_store(config: Config, options: ImportOptions, progress: Progre
     store = open_store(config)
     meta = read_meta(options.source)
     if meta is not None:
+        _check_meta(meta, os.path.join(options.source, EXPORT_JSON))
         try:
             await _check_base(store, meta, config.storage.root)
         except StoreError as e:  # an invalid export id or digest in the description
@@ -94,6 +96,24 @@ async def _import_store(config: Config, options: ImportOptions, progress: Progre
         return await _import_dir(
             store, layout, meta, options, progress, _Unpacked(staged, unpacked.bad, unpacked.errors)
         )
+
+
+def _check_meta(meta: dict[str, Any], path: str) -> None:
+    """Refuse, before anything is written, an export description this program could not have
+    written: the fields an import reads, of the types it reads them as."""
+    try:
+        oci.check_export_id(meta.get("id"))
+        if meta.get("base") is not None:
+            oci.check_export_id(meta["base"])
+    except StoreError as e:
+        raise FerryError(f"{path}: {e}") from None
+    lists = {"blobs": dict, "carried": str, "chain": str}
+    for key, kind in lists.items():
+        value = meta.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+            raise FerryError(f"{path}: {key} is not a list of {kind.__name__}")
+    if not all(isinstance(b.get("digest"), str) for b in meta.get("blobs", [])):
+        raise FerryError(f"{path}: an entry of blobs has no digest")
 
 
 async def _check_base(store: Store, meta: dict[str, Any], root: str) -> None:
@@ -140,12 +160,26 @@ class _Import:
         for digest, size in self.trees.blob_sizes.items():
             if digest in bad:
                 continue
-            if await self.store.blob_size(digest) is not None:
-                self.summary.present += 1
-            elif digest in self.staged:
+            present = await self.store.blob_size(digest)
+            if present is not None:
+                # the store's copy is verified; the descriptor must agree with it all the same
+                if 0 <= size != present:
+                    bad[digest] = f"blob {digest} has {present} bytes, its descriptor says {size}"
+                else:
+                    self.summary.present += 1
+                continue
+            if digest in self.staged:
                 await self.commit_staged(digest, size)
-            elif await self.trees.reader.blob_size(digest) is None:
+                continue
+            try:
+                found = await self.trees.reader.blob_size(digest)
+            except DriverError as e:  # a symlink, device or FIFO in the layout
+                bad[digest] = str(e)
+                continue
+            if found is None:
                 bad[digest] = "blob missing from the layout"
+            elif 0 <= size != found:  # not copied at all (it could be anything, any size)
+                bad[digest] = f"blob {digest} has {found} bytes, its descriptor says {size}"
             else:
                 todo[digest] = size
         progress.start_bytes(sum(max(s, 0) for s in todo.values()))
@@ -154,7 +188,7 @@ class _Import:
             source = self.trees.reader.read_blob(digest)
             try:
                 await oci.import_blob(self.store, source, digest, size, progress.advance_bytes)
-            except StoreError as e:
+            except (StoreError, DriverError) as e:
                 bad[digest] = str(e)
                 return
             self.summary.imported += 1
@@ -205,14 +239,20 @@ class _Import:
             progress.image_done(target)
         return failed
 
-    async def extras(self) -> None:
-        """Signatures and the mirror configuration (each configuration replaced whole); with
-        ``--out-dir`` the configuration is also written there."""
+    async def read_extras(self) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+        """The layout's signatures and mirror configuration files, read (and their names
+        checked) before anything is written: a bad one stops the import before it starts."""
         reader = self.trees.reader
-        for rel, data in await reader.signatures():
+        return await reader.signatures(), await reader.mirror_config()
+
+    async def extras(
+        self, signatures: list[tuple[str, bytes]], configs: list[tuple[str, bytes]]
+    ) -> None:
+        """Keep the signatures and the mirror configuration (each configuration replaced
+        whole); with ``--out-dir`` the configuration is also written there."""
+        for rel, data in signatures:
             await oci.put_signature(self.store, rel, data)
             self.summary.signatures += 1
-        configs = await reader.mirror_config()
         by_name: dict[str, dict[str, bytes]] = {}
         for rel, data in configs:
             name, file = oci.check_mirror_config_name(rel)
@@ -262,10 +302,11 @@ async def _import_dir(
     trees.refused += refused
     progress.set_total_images(len(targets))
     job = _Import(store, trees, options, unpacked.staged)
+    extras = await job.read_extras()
     await job.blobs(progress)
     failed = await job.write_targets(targets, progress)
     await _restore_tags(store, trees.unwritten_tags(tags, targets), job)
-    await job.extras()
+    await job.extras(*extras)
     if trees.failed or unpacked.errors:
         lines = trees.failure_lines(unpacked.errors)
         lines.append(

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from storage import Digest, FilesystemDriver, StoreError
 from storage import layout as oci
+from storage.driver import DriverError
 
 from . import snippets
 from .config import Config, UpstreamConfig
@@ -225,7 +226,11 @@ class _Push:
                     pairs.update({(target.repository, d): s for d, s in node.blobs.items()})
         absent: dict[Digest, set[str]] = {}
         for (repo, digest), size in pairs.items():
-            found = await self.trees.reader.blob_size(digest)
+            try:
+                found = await self.trees.reader.blob_size(digest)
+            except DriverError as e:  # a symlink, device or FIFO in the layout
+                self.trees.bad[digest] = str(e)
+                continue
             if found is None:
                 absent.setdefault(digest, set()).add(repo)
             elif size >= 0 and found != size:

@@ -34,7 +34,7 @@ from typing import Any, Final
 
 from . import paths
 from .digest import ALGORITHMS, Descriptor, Digest
-from .driver import FilesystemDriver, PathNotFound, StorageDriver
+from .driver import DriverError, FilesystemDriver, PathNotFound, StorageDriver
 from .errors import (
     BlobUnknown,
     DigestMismatch,
@@ -361,10 +361,12 @@ def _check(digest: Digest, actual_hex: str, size: int, actual_size: int) -> None
 
 
 class LayoutReader:
-    """Reads an OCI image layout in ``directory``, verifying what it hands out."""
+    """Reads an OCI image layout in ``directory``, verifying what it hands out. Only regular
+    files inside it are read (no symlinks out of it, no devices or FIFOs): it may come from
+    anywhere."""
 
     def __init__(self, directory: str) -> None:
-        self.driver = FilesystemDriver(directory)
+        self.driver = FilesystemDriver(directory, strict=True)
         self.directory = self.driver.root
 
     async def entries(self) -> list[LayoutEntry]:
@@ -374,10 +376,12 @@ class LayoutReader:
             doc = json.loads(await self.driver.get_content("index.json", INDEX_LIMIT))
         except PathNotFound as e:
             raise LayoutError(f"{self.directory} is not an OCI image layout (no {e})") from None
-        except ValueError as e:
+        except (ValueError, DriverError) as e:
             raise LayoutError(
                 f"{self.directory}: unreadable oci-layout or index.json: {e}"
             ) from None
+        except RecursionError:
+            raise LayoutError(f"{self.directory}/index.json is nested too deeply") from None
         if not isinstance(marker, dict) or not isinstance(marker.get("imageLayoutVersion"), str):
             raise LayoutError(f"{self.directory}/oci-layout has no imageLayoutVersion")
         manifests = doc.get("manifests") if isinstance(doc, dict) else None
@@ -419,22 +423,34 @@ class LayoutReader:
             return None
         except ValueError:
             raise ManifestInvalid(f"manifest {digest} is larger than {limit} bytes") from None
+        except DriverError as e:
+            raise ManifestInvalid(f"manifest {digest}: {e}") from None
         actual = Digest.of(body, digest.algorithm)
         if actual != digest:
             raise DigestMismatch(f"content of {digest} hashes to {actual}")
         return body
 
     async def signatures(self) -> list[tuple[str, bytes]]:
-        """(``<alg>=<hex>/signature-N``, bytes) for every signature in the layout."""
-        return await _two_level_files(self.driver, _SIGNATURES, _SIGNATURE_LIMIT)
+        """(``<alg>=<hex>/signature-N``, bytes) for every signature in the layout;
+        ``LayoutError`` for one that could not have been written by an export."""
+        found = await self._extras(_SIGNATURES, _SIGNATURE_LIMIT)
+        for rel, _ in found:
+            check_signature_name(rel)
+        return found
 
     async def mirror_config(self) -> list[tuple[str, bytes]]:
         """(``<name>/<file>``, bytes) for every mirror configuration file in the layout;
         ``LayoutError`` for a name that could not have been written by an export."""
-        found = await _two_level_files(self.driver, MIRROR_CONFIG, _MIRROR_CONFIG_LIMIT)
+        found = await self._extras(MIRROR_CONFIG, _MIRROR_CONFIG_LIMIT)
         for rel, _ in found:
             check_mirror_config_name(rel)
         return found
+
+    async def _extras(self, top: str, limit: int) -> list[tuple[str, bytes]]:
+        try:
+            return await _two_level_files(self.driver, top, limit)
+        except (ValueError, DriverError) as e:
+            raise LayoutError(f"{self.directory}/{top}: {e}") from None
 
 
 async def import_blob(
@@ -519,12 +535,20 @@ async def signature_files(
     return await _two_level_files(store.driver, _SIGNATURES, _SIGNATURE_LIMIT, wanted)
 
 
-async def put_signature(store: Store, rel: str, data: bytes) -> None:
+def check_signature_name(rel: str) -> None:
+    """``LayoutError`` unless ``rel`` is ``<alg>=<hex>/signature-N``."""
     directory, _, name = rel.partition("/")
     algorithm, _, hex_ = directory.partition("=")
-    Digest.parse(f"{algorithm}:{hex_}")  # validates the path segment
+    try:
+        Digest.parse(f"{algorithm}:{hex_}")  # validates the path segment
+    except InvalidDigest:
+        raise LayoutError(f"unexpected signature file {rel!r}") from None
     if not name.startswith("signature-") or not name[len("signature-") :].isdigit():
-        raise LayoutError(f"unexpected signature file {rel}")
+        raise LayoutError(f"unexpected signature file {rel!r}")
+
+
+async def put_signature(store: Store, rel: str, data: bytes) -> None:
+    check_signature_name(rel)
     await store.driver.put_content(f"{_SIGNATURES}/{rel}", data)
 
 
@@ -537,10 +561,15 @@ def _plain_name(text: str) -> bool:
     return bool(text) and all(c.isalnum() or c in "-_." for c in text) and text[0] != "."
 
 
-def _done_path(export_id: str) -> str:
-    if not _plain_name(export_id):
+def check_export_id(export_id: object) -> str:
+    """``export_id`` if it is a plain name (it names a file); else ``LayoutError``."""
+    if not isinstance(export_id, str) or not _plain_name(export_id):
         raise LayoutError(f"invalid export id {export_id!r}")
-    return paths.import_done(export_id)
+    return export_id
+
+
+def _done_path(export_id: str) -> str:
+    return paths.import_done(check_export_id(export_id))
 
 
 def check_mirror_config_name(rel: str) -> tuple[str, str]:

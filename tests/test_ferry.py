@@ -69,6 +69,14 @@ def seed_images(root: Path, images: dict[tuple[str, str], Image]) -> Store:
     return store
 
 
+def export_images(images: dict[tuple[str, str], Image], tmp_path: Path) -> Path:
+    """A store of ``images`` under ``tmp_path/src`` exported to ``tmp_path/export``."""
+    seed_images(tmp_path / "src", images)
+    out = tmp_path / "export"
+    assert bastion("export", "--root", str(tmp_path / "src"), "--to", str(out)) == 0
+    return out
+
+
 def edit_json(path: Path, edit: Callable[[Any], object]) -> None:
     """Rewrite the JSON file ``path`` after ``edit`` changed its document in place."""
     doc = json.loads(path.read_text())

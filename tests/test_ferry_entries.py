@@ -14,7 +14,7 @@ import pytest
 from storage import Digest, paths
 from storage.manifest import OCI_INDEX
 from tests.images import Image, multi_arch_index, sample_image
-from tests.test_ferry import bastion, edit_json, seed_images
+from tests.test_ferry import bastion, edit_json, export_images
 
 APP, OTHER = "team/app", "team/other"
 
@@ -31,10 +31,7 @@ def images() -> dict[tuple[str, str], Image]:
 @pytest.fixture
 def exported(images: dict[tuple[str, str], Image], tmp_path: Path) -> Path:
     """An export of ``images``; index.json lists them in order (team/app:v2 second)."""
-    seed_images(tmp_path / "src", images)
-    out = tmp_path / "export"
-    assert bastion("export", "--root", str(tmp_path / "src"), "--to", str(out)) == 0
-    return out
+    return export_images(images, tmp_path)
 
 
 def entry(out: Path, position: int) -> dict[str, Any]:

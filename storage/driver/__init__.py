@@ -6,6 +6,7 @@ from .base import (
     FileWriter,
     InvalidOffset,
     InvalidPath,
+    NotRegularFile,
     PathNotFound,
     StorageDriver,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "FileWriter",
     "InvalidOffset",
     "InvalidPath",
+    "NotRegularFile",
     "PathNotFound",
     "StorageDriver",
     "FilesystemDriver",

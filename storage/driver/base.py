@@ -34,6 +34,10 @@ class InvalidPath(DriverError):
     """The path is malformed (absolute, empty segment, '.' or '..')."""
 
 
+class NotRegularFile(DriverError):
+    """A strict driver found a symlink, device, FIFO or socket where a file was read."""
+
+
 class InvalidOffset(DriverError):
     """A read offset lies beyond the end of the file."""
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, BinaryIO, Final, TypeVar
 
-from .base import FileInfo, InvalidOffset, InvalidPath, PathNotFound
+from .base import FileInfo, InvalidOffset, InvalidPath, NotRegularFile, PathNotFound
 
 __all__ = ["FilesystemDriver"]
 
@@ -40,17 +41,36 @@ async def _run(func: Callable[..., _T], *args: Any) -> _T:
 
 
 class FilesystemDriver:
+    """``strict``: for a tree that came from elsewhere (an OCI layout to import), whose paths
+    must not lead out of it: reads refuse any path through a symlink and anything but a
+    regular file (a device or a FIFO would be read forever or block), with ``NotRegularFile``."""
+
     name = "filesystem"
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, strict: bool = False) -> None:
         self.root = os.path.abspath(root)
+        self.strict = strict
         os.makedirs(self.root, exist_ok=True)
+        self._real_root = os.path.realpath(self.root)
 
     def _full(self, path: str) -> str:
         parts = path.split("/")
         if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise InvalidPath(path)
-        return os.path.join(self.root, *parts)
+        full = os.path.join(self.root, *parts)
+        if self.strict and os.path.realpath(full) != os.path.join(self._real_root, *parts):
+            raise NotRegularFile(f"{full} is or passes through a symbolic link")
+        return full
+
+    def _open_read(self, full: str) -> BinaryIO:
+        if not self.strict:
+            return open(full, "rb")
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; a regular file ignores it
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotRegularFile(f"{full} is not a regular file")
+        return os.fdopen(fd, "rb")
 
     def local_path(self, path: str) -> str | None:
         return self._full(path)
@@ -69,7 +89,7 @@ class FilesystemDriver:
         full = self._full(path)
 
         def read() -> bytes:
-            with open(full, "rb") as f:
+            with self._open_read(full) as f:
                 data = f.read(limit + 1)
             if len(data) > limit:
                 raise ValueError(f"{path} is larger than {limit} bytes")
@@ -89,7 +109,7 @@ class FilesystemDriver:
     ) -> AsyncIterator[bytes]:
         full = self._full(path)
         try:
-            f: BinaryIO = await _run(_open_read, full)
+            f: BinaryIO = await _run(self._open_read, full)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise PathNotFound(path) from None
         try:
@@ -175,10 +195,6 @@ class FilesystemDriver:
                 child = f"{rel}/{name}"
                 yield FileInfo(child, size, mtime, is_dir)
             stack.extend(f"{rel}/{n}" for n, d, _, _ in reversed(entries) if d)
-
-
-def _open_read(full: str) -> BinaryIO:
-    return open(full, "rb")
 
 
 def _atomic_write(full: str, data: bytes) -> None:
