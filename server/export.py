@@ -242,12 +242,15 @@ def _prepare_directory(directory: str, selection: dict[str, Any]) -> str | None:
     fresh one; ``ConfigError`` if ``directory`` cannot take this export."""
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ConfigError(f"--to {directory} is a file, not a directory")
+    partial = os.path.join(directory, PARTIAL_JSON)
     if os.path.exists(os.path.join(directory, EXPORT_JSON)):
         doc = read_json(os.path.join(directory, EXPORT_JSON))
-        raise ConfigError(
-            f"{directory} already holds export {doc['id']}; export to a new directory"
-        )
-    partial = os.path.join(directory, PARTIAL_JSON)
+        # described, but cut before its last steps (the staged layout and the volumes' plan
+        # removed, the marker last): the same export continues
+        if not os.path.exists(partial) or _read_marker(partial).get("id") != doc.get("id"):
+            raise ConfigError(
+                f"{directory} already holds export {doc['id']}; export to a new directory"
+            )
     if os.path.exists(partial):
         marker = _read_marker(partial)
         recorded = marker.get("selection", selection)  # markers of older versions record none
@@ -372,21 +375,30 @@ async def _write_volumes(run: _Run, directory: str, size: int, progress: Progres
     is packed) and removed."""
     layout = os.path.join(directory, "layout")
     loop = asyncio.get_running_loop()
-    if os.path.exists(os.path.join(layout, EXPORT_JSON)):
-        line = f"export {run.export_id} (layout complete)"
-    else:  # volumes (and their plan) beside it were packed from a layout no longer there
-        await loop.run_in_executor(None, volumes.discard, directory)
-        line = await _write_layout(run, layout, progress)
-    planned = await loop.run_in_executor(None, volumes.prepare, layout, directory, size)
-    progress.bytes_done = 0
-    progress.start_bytes(sum(piece.length for pieces in planned for piece in pieces))
-    names = await loop.run_in_executor(
-        None, volumes.pack, layout, directory, planned, progress.advance_bytes
+    packed = os.path.exists(os.path.join(directory, volumes.PLAN_FILE)) and os.path.exists(
+        os.path.join(directory, EXPORT_JSON)
     )
-    with open(os.path.join(layout, EXPORT_JSON), "rb") as f:
-        description = f.read(META_LIMIT)
-    await oci.LayoutWriter(directory).driver.put_content(EXPORT_JSON, description)
-    await loop.run_in_executor(None, shutil.rmtree, layout)
+    if packed:  # a run that packed every volume and described them was cut after that
+        names = volumes.volumes_in(directory)
+        line = f"export {run.export_id} (volumes complete)"
+    else:
+        if os.path.exists(os.path.join(layout, EXPORT_JSON)):
+            line = f"export {run.export_id} (layout complete)"
+        else:  # volumes (and their plan) beside it were packed from a layout no longer there
+            await loop.run_in_executor(None, volumes.discard, directory)
+            line = await _write_layout(run, layout, progress)
+        planned = await loop.run_in_executor(None, volumes.prepare, layout, directory, size)
+        progress.bytes_done = 0
+        progress.start_bytes(sum(piece.length for pieces in planned for piece in pieces))
+        names = await loop.run_in_executor(
+            None, volumes.pack, layout, directory, planned, progress.advance_bytes
+        )
+        with open(os.path.join(layout, EXPORT_JSON), "rb") as f:
+            description = f.read(META_LIMIT)
+        await oci.LayoutWriter(directory).driver.put_content(EXPORT_JSON, description)
+    # the plan goes last: while it is there, a rerun finds the volumes as they were packed
+    await loop.run_in_executor(None, functools.partial(shutil.rmtree, layout, ignore_errors=True))
+    await loop.run_in_executor(None, volumes.finish, directory)
     return f"{line}; {len(names)} volumes of at most {_size(size)}"
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "plan",
     "prepare",
     "pack",
+    "finish",
     "discard",
     "volumes_in",
     "unpack",
@@ -186,7 +187,8 @@ def prepare(layout: str, out_dir: str, volume_size: int) -> list[list[Piece]]:
 def pack(layout: str, out_dir: str, volumes: list[list[Piece]], advance: Advance) -> list[str]:
     """Write ``layout`` into ``out_dir`` as the ``volumes`` of its plan (``prepare``), skipping
     those already complete, and their checksums, removing each blob of the layout once its
-    last byte is in a complete volume; returns the volume names."""
+    last byte is in a complete volume; returns the volume names. The plan stays until
+    ``finish``: until the export is described beside the volumes, a rerun packs the same."""
     last = {p.path: n for n, pieces in enumerate(volumes) for p in pieces}
     names = []
     sums = []
@@ -205,8 +207,13 @@ def pack(layout: str, out_dir: str, volumes: list[list[Piece]], advance: Advance
             sums.append(f.read())
         names.append(name)
     _atomic_text(os.path.join(out_dir, "SHA256SUMS"), "".join(sums))
-    os.unlink(os.path.join(out_dir, PLAN_FILE))
     return names
+
+
+def finish(out_dir: str) -> None:
+    """Remove the plan of a packing whose export is complete."""
+    Path(out_dir, PLAN_FILE).unlink(missing_ok=True)
+    _fsync_dir(out_dir)
 
 
 def discard(out_dir: str) -> None:
@@ -261,12 +268,24 @@ class _Limited(io.RawIOBase):
 
 
 def _atomic_text(path: str, text: str) -> None:
+    """Write ``path`` whole or not at all, durably: the directory is synced after the rename
+    (and with it any rename before it there, such as a volume's before its checksum: only
+    then may the blobs it holds leave the layout)."""
     tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def volumes_in(directory: str) -> list[str]:

@@ -187,3 +187,39 @@ def test_an_export_held_by_another_run_is_not_touched(
         os.close(fd)
     assert f"another export is writing to {out}" in capsys.readouterr().err
     assert not list(out.iterdir())
+
+
+@pytest.mark.parametrize(("where", "first"), [("pack", True), ("finish", False), ("finish", True)])
+def test_a_split_export_cut_after_packing_finishes_with_the_volumes_it_packed(
+    src: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    where: str,
+    first: bool,
+) -> None:
+    """Cut once every volume is written (before the export is described beside them), once
+    the staged layout is removed (the plan not yet), or before the in-progress marker goes:
+    the rerun ends with the same volumes, all in SHA256SUMS, and the import takes them. (The
+    plan used to go first, and a rerun then planned again from a layout whose blobs had left
+    it: one volume in SHA256SUMS.)"""
+    out = tmp_path / "vols"
+    args = ["--root", str(src), "--to", str(out), "--split-size", "1MiB"]
+    real = getattr(volumes, where)
+
+    def cut(*a: Any, **k: Any) -> Any:
+        if first:
+            real(*a, **k)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(volumes, where, cut)
+        assert bastion("export", *args) == 130
+    packed = {p.name: p.read_bytes() for p in out.glob("bastion-export-*.tar")}
+    assert len(packed) >= 3
+    assert bastion("export", *args) == 0, capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.glob("bastion-export-*.tar")} == packed
+    listed = (out / "SHA256SUMS").read_text().splitlines()
+    assert sorted(line.split()[1] for line in listed) == sorted(packed)
+    assert not (out / volumes.PLAN_FILE).exists() and not (out / "layout").exists()
+    assert bastion("import", str(out), "--root", str(tmp_path / "dst")) == 0
