@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final
 
 from .digest import Digest
-from .driver.filesystem import TMP_PREFIX
+from .driver.filesystem import TMP_PREFIX, fsync_dir
 from .errors import InvalidDigest, StoreError
 
 __all__ = [
@@ -213,7 +213,7 @@ def pack(layout: str, out_dir: str, volumes: list[list[Piece]], advance: Advance
 def finish(out_dir: str) -> None:
     """Remove the plan of a packing whose export is complete."""
     Path(out_dir, PLAN_FILE).unlink(missing_ok=True)
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
 
 
 def discard(out_dir: str) -> None:
@@ -277,15 +277,7 @@ def _atomic_text(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(os.path.dirname(path))
 
 
 def volumes_in(directory: str) -> list[str]:

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Final, TypeVar
 
 from .base import FileInfo, InvalidOffset, InvalidPath, NotRegularFile, PathNotFound
 
-__all__ = ["FilesystemDriver"]
+__all__ = ["FilesystemDriver", "fsync_dir"]
 
 _T = TypeVar("_T")
 
@@ -28,7 +28,8 @@ _SESSION_PREFIX: Final = TMP_PREFIX + "session-"
 _IOV_MAX: Final = 512
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make the entries of directory ``path`` (renames, removals) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -145,7 +146,7 @@ class FilesystemDriver:
                 os.replace(s, d)
             except FileNotFoundError:
                 raise PathNotFound(src) from None
-            _fsync_dir(os.path.dirname(d))
+            fsync_dir(os.path.dirname(d))
 
         await _run(move)
 
@@ -218,7 +219,7 @@ def _atomic_write(full: str, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 class _FileWriter:
@@ -289,7 +290,7 @@ class _FileWriter:
             self._fd = None
         if rename:
             os.replace(self._partial, self._full)
-            _fsync_dir(os.path.dirname(self._full))
+            fsync_dir(os.path.dirname(self._full))
 
     async def commit(self) -> None:
         if self._done:
