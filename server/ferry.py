@@ -251,6 +251,9 @@ class LayoutTrees:
         self.blob_sizes: dict[Digest, int] = {}
         self.missing: set[Digest] = set()
         self.refused: list[str] = []
+        #: (repository, digest) -> (its tree or None if bad, the manifest's size): a child
+        #: several lists share is read once
+        self._read: dict[tuple[str, Digest], tuple[oci.ManifestTree | None, int]] = {}
 
     async def targets(
         self, repo_option: str | None, rename: Callable[[str], str] = str
@@ -287,12 +290,19 @@ class LayoutTrees:
         return body
 
     async def read_tree(
-        self, repo: str, digest: Digest, media_type: str | None, size: int = -1
+        self, repo: str, digest: Digest, media_type: str | None, size: int = -1, depth: int = 0
     ) -> oci.ManifestTree | None:
         """The verified tree of ``digest`` (None if it is bad, see ``bad``); ``SizeMismatch``
         and nothing recorded if the manifest has not the ``size`` its descriptor gives (unless
         negative): the descriptor is wrong, not the manifest."""
+        known = self._read.get((repo, digest))
+        if known is not None:
+            oci.check_described_size(size, known[1], "the manifest")
+            return known[0]
         self.owners.setdefault(digest, set()).add(repo)
+        if depth > oci.MAX_DEPTH:
+            self.bad[digest] = f"indexes nested deeper than {oci.MAX_DEPTH}"
+            return None
         try:
             body = await self.manifest_body(repo, digest)
         except StoreError as e:
@@ -303,6 +313,13 @@ class LayoutTrees:
             self.missing.add(digest)
             return None
         oci.check_described_size(size, len(body), "the manifest")
+        tree = await self._tree(repo, digest, body, media_type, depth)
+        self._read[repo, digest] = (tree, len(body))
+        return tree
+
+    async def _tree(
+        self, repo: str, digest: Digest, body: bytes, media_type: str | None, depth: int
+    ) -> oci.ManifestTree | None:
         try:
             node, children = oci.tree_from_body(digest, body, media_type)
         except StoreError as e:
@@ -311,19 +328,19 @@ class LayoutTrees:
         for blob, blob_size in node.blobs.items():
             self.owners.setdefault(blob, set()).add(repo)
             self.blob_sizes[blob] = blob_size
-        found = [await self.read_child(repo, *child) for child in children]
+        found = [await self.read_child(repo, *child, depth + 1) for child in children]
         if any(c is None for c in found):
             return None
         node.children = [c for c in found if c is not None]
         return node
 
     async def read_child(
-        self, repo: str, digest: Digest, media_type: str | None, size: int
+        self, repo: str, digest: Digest, media_type: str | None, size: int, depth: int = 1
     ) -> oci.ManifestTree | None:
         """``read_tree`` of a list's child; a wrong size in the list's descriptor of it makes
         the child bad (so the list is not imported)."""
         try:
-            return await self.read_tree(repo, digest, media_type, size)
+            return await self.read_tree(repo, digest, media_type, size, depth)
         except SizeMismatch as e:
             self.bad[digest] = str(e)
             return None

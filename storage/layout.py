@@ -115,6 +115,11 @@ def _staging(digest: Digest) -> str:
 # ---- manifests in the store -------------------------------------------------------------------
 
 
+#: Indexes nested deeper than this are refused (images nest one or two; the bound keeps a
+#: crafted chain from exhausting the stack).
+MAX_DEPTH: Final = 8
+
+
 @dataclass
 class ManifestTree:
     """A manifest, its exact bytes, the blobs it references (digest -> size its descriptor
@@ -126,10 +131,15 @@ class ManifestTree:
     blobs: dict[Digest, int] = field(default_factory=dict)
     children: list[ManifestTree] = field(default_factory=list)
 
-    def walk(self) -> Iterator[ManifestTree]:
-        """Every manifest of the tree, children before their parent."""
+    def walk(self, seen: set[Digest] | None = None) -> Iterator[ManifestTree]:
+        """Every manifest of the tree once (a child several lists share too), children before
+        their parent."""
+        seen = set() if seen is None else seen
+        if self.digest in seen:
+            return
+        seen.add(self.digest)
         for child in self.children:
-            yield from child.walk()
+            yield from child.walk(seen)
         yield self
 
     @property
@@ -178,10 +188,18 @@ def check_described_size(size: int, actual: int, what: str) -> None:
 
 async def read_store_tree(store: Store, repository: str, digest: Digest) -> ManifestTree:
     """The tree of manifest ``digest`` in ``repository``; ``Incomplete`` naming every child
-    manifest or blob missing from the store."""
+    manifest or blob missing from the store. A child several lists share is read once."""
     missing: list[Digest] = []
+    read: dict[Digest, asyncio.Future[ManifestTree | None]] = {}
 
-    async def visit(d: Digest) -> ManifestTree | None:
+    async def visit(d: Digest, depth: int = 0) -> ManifestTree | None:
+        if depth > MAX_DEPTH:
+            raise ManifestInvalid(f"{repository}@{digest} nests indexes deeper than {MAX_DEPTH}")
+        if d not in read:
+            read[d] = asyncio.ensure_future(_visit(d, depth))
+        return await read[d]
+
+    async def _visit(d: Digest, depth: int) -> ManifestTree | None:
         try:
             info, body = await store.get_manifest(repository, str(d))
         except ManifestUnknown:
@@ -196,7 +214,7 @@ async def read_store_tree(store: Store, repository: str, digest: Digest) -> Mani
                 missing.append(blob)
             else:
                 node.blobs[blob] = size
-        found = await asyncio.gather(*(visit(c) for c, _, _ in children))
+        found = await asyncio.gather(*(visit(c, depth + 1) for c, _, _ in children))
         node.children = [c for c in found if c is not None]
         return node
 

@@ -184,3 +184,63 @@ def test_an_export_description_it_could_not_have_written_is_refused_first(
     (line,) = lines(capsys)
     assert "bastion-export.json" in line and fragment in line
     assert not (root / "repositories").exists()
+
+
+def _nest(layout: Path, image: Image, levels: int, fan: int) -> tuple[str, int]:
+    """Write ``levels`` of OCI indexes over ``image``'s manifest into ``layout``, each level
+    ``fan`` indexes that all list every index of the level below; (top digest, size)."""
+    from storage import Digest
+
+    below = [{"mediaType": image.media_type, "digest": image.digest, "size": len(image.manifest)}]
+    for level in range(levels):
+        current = []
+        for i in range(fan):
+            doc = {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": below,
+                "annotations": {"level": f"{level}/{i}"},
+            }
+            body = json.dumps(doc).encode()
+            digest = str(Digest.of(body))
+            blob_path(layout, digest).write_bytes(body)
+            current.append({"mediaType": doc["mediaType"], "digest": digest, "size": len(body)})
+        below = current
+    return below[0]["digest"], below[0]["size"]
+
+
+@pytest.mark.parametrize(("levels", "fan", "imported"), [(7, 3, True), (12, 1, False)])
+def test_nested_indexes_are_read_once_each_and_only_so_deep(
+    layout: Path,
+    images: dict[tuple[str, str], Image],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    levels: int,
+    fan: int,
+    imported: bool,
+) -> None:
+    """Indexes listing the same children (3 ** 7 paths to the image, 22 manifests) import in
+    no time; a chain deeper than the bound is refused, one line."""
+    top, size = _nest(layout, images[GOOD], levels, fan)
+    entry = {
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "digest": top,
+        "size": size,
+        "annotations": {
+            "org.opencontainers.image.ref.name": "team/nested:v1",
+            "io.bastion.repository": "team/nested",
+            "io.bastion.tag": "v1",
+        },
+    }
+    edit_json(layout / "index.json", lambda index: index["manifests"].append(entry))
+    capsys.readouterr()
+    root = tmp_path / "root"
+    code = bastion("import", str(layout), "--root", str(root))
+    tag = root / "repositories" / "team/nested" / "_manifests" / "tags" / "v1"
+    if imported:
+        assert code == 0, capsys.readouterr().err
+        assert tag.exists()
+    else:
+        assert code == 1
+        assert any("nested deeper than 8" in line for line in lines(capsys))
+        assert not tag.exists()
