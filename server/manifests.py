@@ -13,7 +13,7 @@ from aiohttp import web
 
 from storage import ManifestInfo, ManifestTooLarge
 from storage.digest import is_digest_reference
-from storage.manifest import MANIFEST_TYPES, SCHEMA1_TYPES
+from storage.manifest import DOCKER_MANIFEST, MANIFEST_TYPES, SCHEMA1_TYPES
 
 from .context import store_of
 from .errors import OCIError
@@ -39,8 +39,9 @@ def _negotiate(request: web.Request, reference: str, info: ManifestInfo) -> None
         return
     accepted = _accepted(request)
     known = MANIFEST_TYPES | SCHEMA1_TYPES
-    # Only a client that named manifest types, and no wildcard or generic type, is refused.
-    if not accepted or not accepted <= known or info.media_type in accepted:
+    # Only a client that named manifest types, and no wildcard or generic type, is refused;
+    # a Docker schema2 image manifest, as distribution does, never (every client reads it)
+    if not accepted or not accepted <= known or info.media_type in (*accepted, DOCKER_MANIFEST):
         return
     raise OCIError(
         "MANIFEST_UNKNOWN",
