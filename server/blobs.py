@@ -15,7 +15,7 @@ from storage.fill import Fill, FillFailed, SourceMissing
 from .context import store_of
 from .errors import OCIError
 from .proxy import Proxy, Source, proxied, upstream_error
-from .upstream import UpstreamError
+from .upstream import UpstreamError, UpstreamNotFound
 
 __all__ = ["get_blob", "delete_blob"]
 
@@ -112,9 +112,17 @@ async def _get_proxied(
 ) -> web.StreamResponse:
     size = await store.blob_size(digest)
     if size is not None:
-        proxy.stats["blob_hits"] += 1
         if not await store.is_linked(name, digest):
+            # in the pool for another repository: this one's upstream must have it too (then
+            # it is not fetched again); offline, what is cached is served
+            try:
+                await proxy.head_blob(name, digest, sources)
+            except UpstreamNotFound:
+                raise OCIError("BLOB_UNKNOWN", f"blob {digest} unknown to the upstream") from None
+            except UpstreamError as e:
+                log.warning("serving cached %s@%s unchecked: %s", name, digest, e)
             await store.link_blob(name, digest)
+        proxy.stats["blob_hits"] += 1
         return _serve_file(request, store, digest, size)
     try:
         if request.method == "HEAD":

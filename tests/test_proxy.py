@@ -267,3 +267,23 @@ async def test_upstream_tags_list_pages_are_followed(aiohttp_client, tmp_path: P
         assert asked == ["", "n=3&last=t002", "n=3&last=t005"]
     finally:
         await up.close()
+
+
+async def test_a_blob_pooled_for_another_repository_is_served_only_if_the_upstream_has_it(
+    cache, upstream: Upstream
+) -> None:
+    """The blob pool is shared, repositories are not: a blob pushed to a local repository is
+    not handed out through a proxied one whose upstream lacks it; one its upstream has is
+    linked without being fetched again (one HEAD)."""
+    private = await push_blob(cache, "team/private", b"private bytes")
+    r = await cache.get(f"/v2/{LOCAL}/blobs/{private}")
+    assert r.status == 404 and await error_code(r) == "BLOB_UNKNOWN"
+    shared = await push_blob(cache, "team/local", b"shared layer")
+    await push_blob(upstream.client, UP_REPO, b"shared layer")
+    upstream.counts.clear()
+    r = await cache.get(f"/v2/{LOCAL}/blobs/{shared}")
+    assert r.status == 200 and await r.read() == b"shared layer"
+    assert upstream.blob_gets(shared) == 0
+    assert upstream.counts[("HEAD", f"/v2/{UP_REPO}/blobs/{shared}")] == 1
+    r = await cache.get(f"/v2/{LOCAL}/blobs/{shared}")  # linked now: the upstream is not asked
+    assert r.status == 200 and sum(upstream.counts.values()) == 1
