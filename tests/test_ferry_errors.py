@@ -6,6 +6,7 @@ import of volumes reports."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -84,6 +85,16 @@ def test_a_disk_filling_up_midway_is_one_sentence(
     capsys.readouterr()
     assert bastion("import", str(out), "--root", str(tmp_path / "dst")) == 1
     assert one_line(capsys) == f"cannot access {layer}: input/output error"
+
+
+def test_a_write_that_fails_names_where(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """writev(2) names no file in its error: the writer adds the one it was writing."""
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "writev", raising(OSError(errno.ENOSPC, "No space left on device")))
+    assert bastion("export", "--root", str(src), "--to", str(out)) == 1
+    assert one_line(capsys) == f"cannot write to {out}/blobs/sha256: no space left on device"
 
 
 def test_import_into_a_root_that_is_a_file(

@@ -261,6 +261,10 @@ class _FileWriter:
                 n = os.writev(self._fd, batch)
             except InterruptedError:
                 continue
+            except OSError as e:  # ENOSPC, EFBIG, EIO: say where (writev does not)
+                if e.filename is None:
+                    e.filename = self._partial
+                raise
             while n:  # drop what was written, keep the rest of a partly written piece
                 if n >= len(views[0]):
                     n -= len(views.pop(0))
