@@ -163,8 +163,8 @@ class _Import:
             present = await self.store.blob_size(digest)
             if present is not None:
                 # the store's copy is verified; the descriptor must agree with it all the same
-                if 0 <= size != present:
-                    bad[digest] = f"blob {digest} has {present} bytes, its descriptor says {size}"
+                if (wrong := _wrong_size(digest, present, size)) is not None:
+                    bad[digest] = wrong
                 else:
                     self.summary.present += 1
                 continue
@@ -178,8 +178,8 @@ class _Import:
                 continue
             if found is None:
                 bad[digest] = "blob missing from the layout"
-            elif 0 <= size != found:  # not copied at all (it could be anything, any size)
-                bad[digest] = f"blob {digest} has {found} bytes, its descriptor says {size}"
+            elif (wrong := _wrong_size(digest, found, size)) is not None:
+                bad[digest] = wrong  # not copied at all (it could be anything, any size)
             else:
                 todo[digest] = size
         progress.start_bytes(sum(max(s, 0) for s in todo.values()))
@@ -262,6 +262,15 @@ class _Import:
         self.summary.configs = len(by_name)
         if self.options.out_dir and configs:
             await write_out_dir(self.options.out_dir, configs)
+
+
+def _wrong_size(digest: Digest, actual: int, size: int) -> str | None:
+    """Why a blob of ``actual`` bytes does not fit its descriptor's ``size``, or None."""
+    try:
+        oci.check_described_size(size, actual, f"blob {digest}")
+    except StoreError as e:
+        return str(e)
+    return None
 
 
 def _manifest_source(store: Store, staged: dict[Digest, str]) -> Fallback:
